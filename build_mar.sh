@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Package handler + segserve + weights + model-config.yaml into model-store/<name>.mar.
+# The model is loaded and run once first: a bad checkpoint fails here, not in a worker.
+# Usage: ./build_mar.sh [--name segmenter] [--config model/model-config.yaml] [--weights FILE]
+#                       [--version V] [--export-path model-store]
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-.venv/bin/python}
+if [ ! -x "$PYTHON" ]; then
+  echo "build_mar.sh: error: $PYTHON not found; run 'make install' first (or set PYTHON=...)" >&2
+  exit 2
+fi
+PYTHONPATH="handler${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m segserve.build "$@"

@@ -1,0 +1,57 @@
+"""TorchServe glue for segserve: maps TorchServe's request list and context onto `segserve.pipeline`.
+
+All the work (decode, transforms, model, encoders, errors) lives in the plain
+`segserve` package shipped intact inside the archive; this file only passes
+data between TorchServe and it and sets each request's status and content type.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from segserve.config import ServingConfig
+from segserve.pipeline import Request, Segmenter, pick_device
+
+logger = logging.getLogger(__name__)
+
+
+class SegmenterHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        self.device = pick_device(properties.get("gpu_id"))
+        section = (context.model_yaml_config or {}).get("handler")
+        if section is None:
+            raise RuntimeError("model-config.yaml has no `handler:` section; rebuild the archive with build_mar.sh")
+        config = ServingConfig.from_dict(section)
+        self.segmenter = Segmenter.from_model_dir(properties["model_dir"], config=config, device=self.device)
+        logger.info("segserve: %s %s (%s, %d classes) ready on %s", config.name, config.version, config.arch,
+                    config.num_classes, self.device)
+        self.initialized = True
+
+    def preprocess(self, data):
+        requests = [Request(inputs=item, headers=self.context.get_all_request_header(i) or {})
+                    for i, item in enumerate(data)]
+        return self.segmenter.preprocess(requests), len(requests)
+
+    def inference(self, data, *args, **kwargs):
+        (decoded, failed), count = data
+        return decoded, self.segmenter.inference(decoded), failed, count
+
+    def postprocess(self, data):
+        responses = self.segmenter.postprocess(*data)
+        for index, response in enumerate(responses):
+            self.context.set_response_status(response.status, response.phrase, index)
+            self.context.set_response_content_type(index, response.content_type)
+        return [response.body for response in responses]
+
+    def describe_handle(self):
+        config = self.segmenter.config
+        return {
+            "model": config.name,
+            "version": config.version,
+            "arch": config.arch,
+            "input_size": list(config.input_size),
+            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
+        }

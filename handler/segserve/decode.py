@@ -1,0 +1,110 @@
+"""Request body -> image bytes -> RGB PIL image, with limits checked early.
+
+TorchServe hands the handler one dict per request: a raw body arrives under
+`body` (or `data`), multipart fields under their field names, and a JSON body
+is already parsed into a dict.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import Limits
+from .errors import EmptyBody, ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+# Names under which the image may arrive: raw body, then multipart fields.
+IMAGE_FIELDS = ("body", "data", "file", "image")
+
+
+def extract_image_bytes(request: dict[str, Any]) -> bytes:
+    """Find the image bytes in one TorchServe request dict."""
+    for key in IMAGE_FIELDS:
+        if key not in request:
+            continue
+        value = request[key]
+        if isinstance(value, dict):
+            return _bytes_from_json(value)
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, str):
+            # TorchServe decodes text/* bodies to str; an image is never text.
+            raise UnsupportedMediaType(
+                "the body was sent as text; send the image bytes (e.g. curl --data-binary @image.jpg "
+                "-H 'Content-Type: application/octet-stream') or as a multipart field named 'data'")
+        if isinstance(value, list):
+            raise UnsupportedMediaType("a JSON array is not an image; send {\"image\": \"<base64>\"} or the raw bytes")
+    raise EmptyBody("the request has no image: send the image bytes as the body, or as a multipart "
+                    "field named 'data' or 'file'")
+
+
+def _bytes_from_json(doc: dict[str, Any]) -> bytes:
+    encoded = doc.get("image")
+    if not isinstance(encoded, str) or not encoded:
+        raise EmptyBody('a JSON body needs the image as base64 under "image", e.g. {"image": "iVBORw0..."}')
+    if encoded.startswith("data:") and "," in encoded:
+        encoded = encoded.split(",", 1)[1]  # data URL: data:image/png;base64,....
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage('"image" is not valid base64') from None
+
+
+def decode_image(data: bytes, limits: Limits) -> Image.Image:
+    """Decode image bytes into an upright RGB image, refusing oversize input before the full decode."""
+    if not data:
+        raise EmptyBody("the request body is empty: send the image bytes")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes} bytes (max_bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces Pillow's bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is "
+                                    f"{limits.max_pixels} pixels (max_pixels)")
+            if width == 0 or height == 0:
+                raise InvalidImage(f"the image has no pixels ({width}x{height})")
+            image.load()
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"the image has too many pixels; the limit is {limits.max_pixels} (max_pixels)") from None
+    except UnidentifiedImageError:
+        raise InvalidImage("the body is not an image format this server reads (JPEG, PNG, WebP, TIFF, BMP, "
+                           "GIF)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated or corrupt data; Pillow's message says which ("image file is truncated").
+        raise InvalidImage(f"the image could not be decoded: {_short(exc)}") from None
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB.
+
+    High-bit-depth gray (16-bit PNG/TIFF, 32-bit int/float) is scaled by its own
+    range; Pillow's plain convert would clip it to white. Alpha is dropped: the
+    colour channels are kept as they are.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,63 @@
+"""Typed request errors, each mapped to an HTTP status and a JSON body.
+
+Messages are written for the caller: they say what was wrong and how to fix
+the call, and never carry stack traces or server paths.
+"""
+
+from __future__ import annotations
+
+
+class SegservError(Exception):
+    """A request failed; `status` and `type` say how, `message` says why."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"code": self.status, "type": self.type, "message": self.message}
+
+
+class BadRequest(SegservError):
+    status, type = 400, "bad_request"
+
+
+class EmptyBody(BadRequest):
+    type = "empty_body"
+
+
+class InvalidImage(BadRequest):
+    type = "invalid_image"
+
+
+class InvalidOption(BadRequest):
+    type = "invalid_option"
+
+
+class PayloadTooLarge(SegservError):
+    status, type = 413, "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    type = "image_too_large"
+
+
+class UnsupportedMediaType(SegservError):
+    status, type = 415, "unsupported_media_type"
+
+
+class InternalError(SegservError):
+    status, type = 500, "internal_error"
+
+
+HTTP_PHRASES = {
+    200: "OK",
+    400: "Bad Request",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    500: "Internal Server Error",
+}

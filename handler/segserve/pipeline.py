@@ -1,0 +1,197 @@
+"""The whole request path, without TorchServe: decode -> batch forward -> masks -> bodies.
+
+`Segmenter.handle_batch` answers every request of a batch on its own: a bad
+request gets its own JSON error and never changes the answers of the good
+requests batched with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import decode, encode
+from .config import ServingConfig
+from .errors import HTTP_PHRASES, InternalError, InvalidOption, SegservError
+from .models import load_model
+from .transforms import logits_to_mask, to_model_input
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {"json": "application/json", "png": "image/png"}
+
+
+@dataclass
+class Request:
+    """One client request as TorchServe delivers it: its inputs by name and its HTTP headers."""
+
+    inputs: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+    error_type: str | None = None
+
+    @property
+    def phrase(self) -> str:
+        return HTTP_PHRASES.get(self.status, "")
+
+    @classmethod
+    def from_error(cls, error: SegservError) -> "Response":
+        import json
+
+        return cls(error.status, "application/json", json.dumps(error.to_dict()).encode(), error.type)
+
+
+@dataclass
+class Decoded:
+    """A request that passed decoding: its model input and what postprocess needs to answer it."""
+
+    index: int
+    tensor: torch.Tensor
+    width: int
+    height: int
+    response_format: str
+
+
+def pick_device(gpu_id: int | None) -> torch.device:
+    """The GPU TorchServe assigned to this worker when CUDA is there, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def response_format(request: Request) -> str:
+    """`format` option (query parameter or JSON field) first, then the Accept header; JSON by default."""
+    value = request.inputs.get("format")
+    if value is None and isinstance(request.inputs.get("body"), dict):
+        value = request.inputs["body"].get("format")
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if value is not None:
+        value = str(value).strip().lower()
+        if value not in FORMATS:
+            raise InvalidOption(f"format={value!r} is not supported; use one of: {', '.join(FORMATS)}")
+        return value
+    accept = _header(request.headers, "accept")
+    if accept and "image/png" in accept and "application/json" not in accept:
+        return "png"
+    return "json"
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+class Segmenter:
+    """A loaded model with its serving config: the in-process pipeline the handler wraps."""
+
+    def __init__(self, config: ServingConfig, model: nn.Module, device: torch.device | str = "cpu"):
+        self.config = config
+        self.model = model
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: ServingConfig | None = None,
+                       device: torch.device | str = "cpu", warm_up: bool = True) -> "Segmenter":
+        """Load from a directory holding model-config.yaml and the weights file it names."""
+        model_dir = Path(model_dir)
+        config = config or ServingConfig.from_yaml(model_dir / "model-config.yaml")
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        model = load_model(config, model_dir / config.weights, device=device)
+        segmenter = cls(config, model, device)
+        if warm_up:
+            segmenter.warm_up()
+        return segmenter
+
+    def warm_up(self) -> None:
+        """One forward pass so the first real request doesn't pay for lazy initialisation."""
+        height, width = self.config.input_size
+        self.forward(torch.zeros(1, 3, height, width))
+
+    # -- stages -----------------------------------------------------------------------------
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        return to_model_input(image, self.config.input_size, self.config.mean, self.config.std)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode."""
+        with torch.inference_mode():
+            output = self.model(batch.to(self.device, non_blocking=True))
+            if isinstance(output, dict):  # torchvision segmentation models return {"out": ..., "aux": ...}
+                output = output["out"]
+            return output
+
+    def masks(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Logits (N, C, h, w) -> one uint8 mask per image at its (width, height)."""
+        return [logits_to_mask(logits[i], height, width) for i, (width, height) in enumerate(sizes)]
+
+    def predict(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """RGB images -> class-index masks at each image's own size (the in-process reference path)."""
+        if not images:
+            return []
+        batch = torch.stack([self.preprocess_image(image) for image in images])
+        return self.masks(self.forward(batch), [image.size for image in images])
+
+    def encode(self, mask: np.ndarray, fmt: str) -> Response:
+        if fmt == "png":
+            return Response(200, FORMATS["png"], encode.mask_to_png(mask, self.config.palette))
+        return Response(200, FORMATS["json"], encode.json_response(mask, self.config))
+
+    # -- the batch, request by request ------------------------------------------------------
+    def decode_request(self, index: int, request: Request) -> Decoded:
+        fmt = response_format(request)
+        data = decode.extract_image_bytes(request.inputs)
+        image = decode.decode_image(data, self.config.limits)
+        return Decoded(index, self.preprocess_image(image), image.width, image.height, fmt)
+
+    def preprocess(self, requests: list[Request]) -> tuple[list[Decoded], dict[int, Response]]:
+        """Decode every request; failures become that request's error response."""
+        decoded: list[Decoded] = []
+        failed: dict[int, Response] = {}
+        for index, request in enumerate(requests):
+            try:
+                decoded.append(self.decode_request(index, request))
+            except SegservError as error:
+                logger.info("request %d refused: %s %s: %s", index, error.status, error.type, error.message)
+                failed[index] = Response.from_error(error)
+            except Exception:  # a bug of ours must not take the batch down
+                logger.exception("request %d: unexpected error while decoding", index)
+                failed[index] = Response.from_error(InternalError("the image could not be processed"))
+        return decoded, failed
+
+    def inference(self, decoded: list[Decoded]) -> torch.Tensor | None:
+        if not decoded:
+            return None
+        return self.forward(torch.stack([d.tensor for d in decoded]))
+
+    def postprocess(self, decoded: list[Decoded], logits: torch.Tensor | None,
+                    failed: dict[int, Response], count: int) -> list[Response]:
+        """One response per request, in request order."""
+        responses: dict[int, Response] = dict(failed)
+        for row, item in enumerate(decoded):
+            try:
+                mask = logits_to_mask(logits[row], item.height, item.width)
+                responses[item.index] = self.encode(mask, item.response_format)
+            except Exception:
+                logger.exception("request %d: unexpected error while encoding the mask", item.index)
+                responses[item.index] = Response.from_error(InternalError("the mask could not be encoded"))
+        return [responses[i] for i in range(count)]
+
+    def handle_batch(self, requests: list[Request]) -> list[Response]:
+        decoded, failed = self.preprocess(requests)
+        return self.postprocess(decoded, self.inference(decoded), failed, len(requests))

