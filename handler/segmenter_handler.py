@@ -12,7 +12,7 @@ import logging
 from ts.torch_handler.base_handler import BaseHandler
 
 from segserve.config import ServingConfig
-from segserve.pipeline import Request, Segmenter, pick_device
+from segserve.pipeline import Request, Segmenter, log_batch, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class SegmenterHandler(BaseHandler):
 
     def postprocess(self, data):
         responses = self.segmenter.postprocess(*data)
+        log_batch(responses)
         for index, response in enumerate(responses):
             self.context.set_response_status(response.status, response.phrase, index)
             self.context.set_response_content_type(index, response.content_type)

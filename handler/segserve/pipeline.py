@@ -73,7 +73,10 @@ def pick_device(gpu_id: int | None) -> torch.device:
 
 
 def response_format(request: Request) -> str:
-    """`format` option (query parameter or JSON field) first, then the Accept header; JSON by default."""
+    """`format` option (multipart field or JSON field) first, then the Accept header; JSON by default.
+
+    TorchServe does not pass URL query strings to handlers, so options travel in the body.
+    """
     value = request.inputs.get("format")
     if value is None and isinstance(request.inputs.get("body"), dict):
         value = request.inputs["body"].get("format")
@@ -195,3 +198,9 @@ class Segmenter:
     def handle_batch(self, requests: list[Request]) -> list[Response]:
         decoded, failed = self.preprocess(requests)
         return self.postprocess(decoded, self.inference(decoded), failed, len(requests))
+
+
+def log_batch(responses: list[Response]) -> None:
+    """One line per batch: its size and statuses (never image data)."""
+    statuses = ",".join(str(r.status) for r in responses)
+    logger.info("segserve batch: %d requests, statuses %s", len(responses), statuses)

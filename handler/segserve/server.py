@@ -118,8 +118,10 @@ class TorchServe:
                                   f"or pick other ports (SEGSERVE_{name.upper()}_PORT)")
         config = self.write_config()
         env = dict(os.environ, **java_environment())
-        # TorchServe keeps its pid file in the temp dir; one per instance lets several run at once.
-        env.update(TMPDIR=str(self.workdir / "tmp"), LOG_LOCATION=str(self.log_dir),
+        # TorchServe keeps its pid file (TMPDIR), worker sockets and unpacked archives (TEMP -> java.io.tmpdir)
+        # in the temp dir; one per instance lets several run side by side.
+        tmp = str(self.workdir / "tmp")
+        env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=str(self.log_dir),
                    METRICS_LOCATION=str(self.log_dir))
         torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
         cmd = [torchserve, "--foreground", "--ncs", "--ts-config", str(config),
@@ -266,9 +268,9 @@ def _example(server: TorchServe, repo: Path) -> str:
         f"segserve is ready: {server.inference_url}/predictions/segmenter",
         "",
         "Segment an image (JSON with per-class pixel counts and the mask as base64 PNG):",
-        f"  curl -s {auth} --data-binary @{sample} {server.inference_url}/predictions/segmenter | head -c 400; echo",
+        f"  curl -s {auth} -T {sample} {server.inference_url}/predictions/segmenter | head -c 400; echo",
         "The mask itself as an indexed PNG, same size as the input:",
-        f"  curl -s {auth} -H 'Accept: image/png' --data-binary @{sample} "
+        f"  curl -s {auth} -H 'Accept: image/png' -T {sample} "
         f"{server.inference_url}/predictions/segmenter -o mask.png",
         "Scale to 2 workers (management API):",
         f'  curl -s -X PUT -H "Authorization: Bearer {keys["management"]}" '
