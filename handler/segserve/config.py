@@ -60,7 +60,7 @@ class ServingConfig:
         return flat + [0] * (768 - len(flat))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ServingConfig":
+    def from_yaml(cls, path: str | Path) -> ServingConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"model config not found: {path}")
@@ -69,7 +69,7 @@ class ServingConfig:
         return cls.from_dict(doc.get("handler", doc))
 
     @classmethod
-    def from_dict(cls, section: dict[str, Any]) -> "ServingConfig":
+    def from_dict(cls, section: dict[str, Any]) -> ServingConfig:
         """Build from the `handler:` section of model-config.yaml."""
         if not isinstance(section, dict):
             raise ConfigError("the `handler:` section of model-config.yaml must be a mapping")

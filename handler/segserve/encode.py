@@ -53,3 +53,23 @@ def json_response(mask: np.ndarray, config: ServingConfig) -> bytes:
         "mask_format": "png;base64",
     }
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def overlay(image: Image.Image, mask: np.ndarray, config: ServingConfig, alpha: float = 0.45,
+            legend: bool = True) -> Image.Image:
+    """The input with the mask's class colours blended over it (background left clear) and a small legend."""
+    from PIL import ImageDraw
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colors = np.array([c.color for c in config.classes], dtype=np.float32)
+    tinted = rgb * (1 - alpha) + colors[mask] * alpha
+    out = np.where((mask > 0)[..., None], tinted, rgb)
+    result = Image.fromarray(out.round().astype(np.uint8), "RGB")
+    if legend:
+        draw = ImageDraw.Draw(result)
+        box = max(8, min(result.size) // 40)
+        for row, c in enumerate(config.classes):
+            top = 4 + row * (box + 4)
+            draw.rectangle([4, top, 4 + box, top + box], fill=c.color, outline=(255, 255, 255))
+            draw.text((8 + box, top - 1), c.name, fill=(255, 255, 255))
+    return result

@@ -48,7 +48,7 @@ class Response:
         return HTTP_PHRASES.get(self.status, "")
 
     @classmethod
-    def from_error(cls, error: SegservError) -> "Response":
+    def from_error(cls, error: SegservError) -> Response:
         import json
 
         return cls(error.status, "application/json", json.dumps(error.to_dict()).encode(), error.type)
@@ -110,7 +110,7 @@ class Segmenter:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: ServingConfig | None = None,
-                       device: torch.device | str = "cpu", warm_up: bool = True) -> "Segmenter":
+                       device: torch.device | str = "cpu", warm_up: bool = True) -> Segmenter:
         """Load from a directory holding model-config.yaml and the weights file it names."""
         model_dir = Path(model_dir)
         config = config or ServingConfig.from_yaml(model_dir / "model-config.yaml")

@@ -1,0 +1,42 @@
+"""Regenerate the README pictures: a sample scene and the served model's mask over it.
+
+Run with `make figures` after `make train`. The input is a generated scene
+(deterministic by seed) at a non-square size, to show masks come back at the
+input's own size.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "handler"))
+
+from segserve.encode import mask_to_png, overlay  # noqa: E402
+from segserve.pipeline import Segmenter  # noqa: E402
+from segserve.synthetic import generate_scene  # noqa: E402
+
+SEED, SIZE = 2024, (384, 512)  # (height, width)
+
+
+def main() -> None:
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    pixels, _ = generate_scene(SEED, SIZE)
+    image = Image.fromarray(pixels)
+    image.save(docs / "sample-input.png", optimize=True)
+    segmenter = Segmenter.from_model_dir(REPO / "model")
+    (mask,) = segmenter.predict([image])
+    (docs / "sample-mask.png").write_bytes(mask_to_png(mask, segmenter.config.palette))
+    side_by_side = Image.new("RGB", (image.width * 2 + 8, image.height), (255, 255, 255))
+    side_by_side.paste(image, (0, 0))
+    side_by_side.paste(overlay(image, mask, segmenter.config), (image.width + 8, 0))
+    side_by_side.save(docs / "sample-overlay.png", optimize=True)
+    print(f"wrote {docs}/sample-input.png, sample-mask.png, sample-overlay.png")
+
+
+if __name__ == "__main__":
+    main()
