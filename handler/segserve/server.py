@@ -160,6 +160,7 @@ class TorchServe:
         last = "no answer yet"
         while time.monotonic() < deadline:
             self._check_alive()
+            self._check_load_failures(model)
             try:
                 response = requests.get(f"{self.management_url}/models/{model}",
                                         headers=self.headers("management"), timeout=5)
@@ -176,6 +177,16 @@ class TorchServe:
             time.sleep(0.5)
         raise ServerError(f"model {model!r} was not ready after {timeout:.0f}s ({last}).\n"
                           f"Worker log ({self.log_dir / 'model_log.log'}):\n{self.log_tail('model_log.log')}")
+
+    def _check_load_failures(self, model: str) -> None:
+        """A worker that dies while loading is retried forever by TorchServe; say so at once instead."""
+        log = self.log_dir / "model_log.log"
+        if not log.is_file():
+            return
+        text = log.read_text(errors="replace")
+        if "Traceback (most recent call last)" in text and "Torch worker started" in text:
+            raise ServerError(f"a worker of {model!r} failed while loading the model (TorchServe will keep "
+                              f"restarting it).\nWorker log ({log}):\n{self.log_tail('model_log.log', 40)}")
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / name

@@ -1,0 +1,77 @@
+"""build_mar.sh / segserve.build: archives that are known to work, and clear refusals."""
+
+import subprocess
+import zipfile
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from safetensors.torch import save_file
+
+from segserve.build import BuildError, build, check_model
+from segserve.config import ServingConfig
+from segserve.models import build_model
+
+SMALL = {"base_channels": 4, "depth": 2}
+
+
+@pytest.fixture()
+def small_model_dir(tmp_path):
+    """A model dir like model/, with a tiny random U-Net."""
+    doc = yaml.safe_load((REPO / "model" / "model-config.yaml").read_text())
+    doc["handler"]["model"]["arch_params"] = SMALL
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(doc))
+    torch.manual_seed(0)
+    save_file(build_model("unet", 3, **SMALL).state_dict(), str(tmp_path / "segmenter.safetensors"))
+    return tmp_path
+
+
+def test_archive_holds_handler_package_weights_config_and_class_names(small_model_dir, tmp_path):
+    mar = build("segmenter", small_model_dir / "model-config.yaml", small_model_dir / "segmenter.safetensors",
+                tmp_path / "store")
+    names = set(zipfile.ZipFile(mar).namelist())
+    assert {"segmenter_handler.py", "segmenter.safetensors", "model-config.yaml", "index_to_name.json",
+            "segserve/__init__.py", "segserve/pipeline.py", "MAR-INF/MANIFEST.json"} <= names
+    assert not any("__pycache__" in n for n in names)
+    # Idempotent: building again replaces the archive.
+    again = build("segmenter", small_model_dir / "model-config.yaml", small_model_dir / "segmenter.safetensors",
+                  tmp_path / "store")
+    assert again == mar and zipfile.ZipFile(again).testzip() is None
+
+
+def test_mismatched_state_dict_is_refused_with_the_keys_listed(small_model_dir, tmp_path):
+    state = build_model("unet", 5, **SMALL).state_dict()  # 5 classes, config says 3
+    save_file(state, str(tmp_path / "wrong.safetensors"))
+    config = ServingConfig.from_yaml(small_model_dir / "model-config.yaml")
+    with pytest.raises(BuildError, match="shape mismatches") as info:
+        check_model(config, tmp_path / "wrong.safetensors")
+    assert "3 classes" in str(info.value)
+    state = build_model("unet", 3, **SMALL).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state[next(iter(state))]
+    save_file(state, str(tmp_path / "keys.safetensors"))
+    with pytest.raises(BuildError, match="missing keys .*unexpected keys .*extra.weight"):
+        check_model(config, tmp_path / "keys.safetensors")
+
+
+def test_pickled_code_is_never_executed(small_model_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    config = ServingConfig.from_yaml(small_model_dir / "model-config.yaml")
+    with pytest.raises(BuildError, match="cannot read weights"):
+        check_model(config, tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_build_mar_sh_missing_input_exits_nonzero_with_message(tmp_path):
+    result = subprocess.run([str(REPO / "build_mar.sh"), "--weights", str(tmp_path / "none.safetensors"),
+                             "--export-path", str(tmp_path / "store")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "weights not found" in result.stderr and "none.safetensors" in result.stderr
+    assert not (tmp_path / "store" / "segmenter.mar").exists()

@@ -1,0 +1,30 @@
+"""The CUDA path gives the CPU path's masks. Skipped where there is no GPU (as in CI)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from segserve.pipeline import Segmenter, pick_device
+from segserve.synthetic import generate_scene
+
+pytestmark = pytest.mark.gpu
+
+
+def test_pick_device_falls_back_to_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(0) == torch.device("cpu")
+    assert pick_device(None) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_agree_with_cpu(config):
+    assert pick_device(0) == torch.device("cuda:0")
+    images = [Image.fromarray(generate_scene(seed, (300, 411))[0]) for seed in range(4)]
+    cpu = Segmenter.from_model_dir(REPO / "model", config=config).predict(images)
+    gpu = Segmenter.from_model_dir(REPO / "model", config=config, device="cuda:0").predict(images)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert (a == b).mean() >= 0.995
+        assert a.shape == b.shape
+    assert np.mean([(a == b).mean() for a, b in zip(cpu, gpu, strict=True)]) >= 0.995
