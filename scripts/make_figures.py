@@ -31,11 +31,14 @@ def main() -> None:
     segmenter = Segmenter.from_model_dir(REPO / "model")
     (mask,) = segmenter.predict([image])
     (docs / "sample-mask.png").write_bytes(mask_to_png(mask, segmenter.config.palette))
-    side_by_side = Image.new("RGB", (image.width * 2 + 8, image.height), (255, 255, 255))
-    side_by_side.paste(image, (0, 0))
-    side_by_side.paste(overlay(image, mask, segmenter.config), (image.width + 8, 0))
-    side_by_side.save(docs / "sample-overlay.png", optimize=True)
-    print(f"wrote {docs}/sample-input.png, sample-mask.png, sample-overlay.png")
+    colored = Image.fromarray(mask, "P")
+    colored.putpalette(segmenter.config.palette)
+    panels = [image, colored.convert("RGB"), overlay(image, mask, segmenter.config)]
+    figure = Image.new("RGB", (image.width * 3 + 16, image.height), (255, 255, 255))
+    for i, panel in enumerate(panels):
+        figure.paste(panel, (i * (image.width + 8), 0))
+    figure.save(docs / "sample-figure.jpg", quality=88)
+    print(f"wrote {docs}/sample-input.png, sample-mask.png, sample-figure.jpg")
 
 
 if __name__ == "__main__":
