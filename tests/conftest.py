@@ -13,9 +13,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "handler"))
 
+from segserve.build import build  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
+from segserve.pipeline import Segmenter  # noqa: E402
+from segserve.server import TorchServe, free_port  # noqa: E402
 
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
+MODEL = "segmenter"
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +38,26 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     channels = {"RGB": 3, "RGBA": 4}.get(mode)
     shape = (height, width, channels) if channels else (height, width)
     return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real TorchServe for the whole run: the archive built from model/, free loopback ports, token auth."""
+    root = tmp_path_factory.mktemp("torchserve")
+    store = root / "model-store"
+    build(MODEL, MODEL_CONFIG, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
+    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
+                    ports={"inference": free_port(), "management": free_port(), "metrics": free_port()},
+                    models=(f"{MODEL}={MODEL}.mar",))
+    ts.start()
+    try:
+        ts.wait_ready(MODEL, timeout=240)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(config):
+    """The in-process pipeline on the same weights: what the server must answer."""
+    return Segmenter.from_model_dir(REPO / "model", config=config)

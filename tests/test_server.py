@@ -12,42 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, encode_image, random_image
+from conftest import MODEL, encode_image, random_image
 from PIL import Image
 
-from segserve.build import build
-from segserve.config import ServingConfig
-from segserve.pipeline import Segmenter
-from segserve.server import TorchServe, free_port
 from segserve.synthetic import generate_scene
 
 pytestmark = pytest.mark.integration
-
-MODEL = "segmenter"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("torchserve")
-    store = root / "model-store"
-    config = REPO / "model" / "model-config.yaml"
-    build(MODEL, config, REPO / "model" / ServingConfig.from_yaml(config).weights, store)
-    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports={"inference": free_port(), "management": free_port(), "metrics": free_port()},
-                    models=(f"{MODEL}={MODEL}.mar",))
-    ts.start()
-    try:
-        ts.wait_ready(MODEL, timeout=240)
-        yield ts
-    finally:
-        ts.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(config):
-    """The in-process pipeline on the same weights: what the server must answer."""
-    return Segmenter.from_model_dir(REPO / "model", config=config)
-
 
 def predict(server, body: bytes, headers: dict | None = None, **kwargs) -> requests.Response:
     return requests.post(f"{server.inference_url}/predictions/{MODEL}", data=body,
