@@ -10,7 +10,7 @@ from conftest import encode_image, random_image
 from PIL import Image
 from torch import nn
 
-from segserve.pipeline import Request, Segmenter, response_format
+from segserve.pipeline import Request, Segmenter
 from segserve.transforms import logits_to_mask, to_model_input
 
 
@@ -98,17 +98,6 @@ def test_unexpected_failure_is_a_500_for_that_request_only(segmenter, monkeypatc
     responses = segmenter.handle_batch([png_request(random_image(8, 8)), png_request(random_image(9, 9))])
     assert [r.status for r in responses] == [500, 200]
     assert "/secret" not in responses[0].body.decode()
-
-
-def test_response_format_negotiation():
-    assert response_format(Request(inputs={})) == "json"
-    assert response_format(Request(inputs={}, headers={"Accept": "image/png"})) == "png"
-    assert response_format(Request(inputs={}, headers={"accept": "*/*"})) == "json"
-    assert response_format(Request(inputs={"format": "PNG"})) == "png"
-    assert response_format(Request(inputs={"body": {"format": "png"}})) == "png"
-    with pytest.raises(Exception) as info:
-        response_format(Request(inputs={"format": b"gif"}))
-    assert info.value.status == 400 and "json" in info.value.message
 
 
 def test_to_model_input_normalizes(config):

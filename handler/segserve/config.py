@@ -29,6 +29,8 @@ class ClassInfo:
 class Limits:
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
+    # Largest response the handler builds (format=probs grows with classes x pixels).
+    max_response_bytes: int = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class ServingConfig:
             limits=Limits(
                 max_bytes=_positive_int(limits.get("max_bytes", Limits.max_bytes), "handler.limits.max_bytes"),
                 max_pixels=_positive_int(limits.get("max_pixels", Limits.max_pixels), "handler.limits.max_pixels"),
+                max_response_bytes=_positive_int(limits.get("max_response_bytes", Limits.max_response_bytes),
+                                                 "handler.limits.max_response_bytes"),
             ),
             threads=int(runtime.get("threads", 0) or 0),
         )

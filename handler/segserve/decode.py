@@ -17,18 +17,33 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import Limits
-from .errors import EmptyBody, ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from .options import IMAGE_FIELDS
 
-# Names under which the image may arrive: raw body, then multipart fields.
-IMAGE_FIELDS = ("body", "data", "file", "image")
+# Declared body types we read; anything else (text/*, XML, ...) is a 415.
+READABLE_TYPES = ("image/", "application/octet-stream", "application/json", "multipart/form-data",
+                  "application/x-www-form-urlencoded", "binary/octet-stream")
 
 
-def extract_image_bytes(request: dict[str, Any]) -> bytes:
-    """Find the image bytes in one TorchServe request dict."""
+def extract_image_bytes(request: dict[str, Any], content_types: dict[str, str] | None = None) -> bytes:
+    """Find the image bytes in one TorchServe request dict.
+
+    `content_types` maps input names to the content type the client declared for
+    them (TorchServe reports it per input); it tells a broken JSON body, which
+    TorchServe hands over as raw bytes, from an image.
+    """
+    content_types = content_types or {}
     for key in IMAGE_FIELDS:
         if key not in request:
             continue
         value = request[key]
+        declared = (content_types.get(key) or "").split(";")[0].strip().lower()
+        if declared and not declared.startswith(READABLE_TYPES):
+            raise UnsupportedMediaType(f"Content-Type {declared!r} is not accepted; send the image as image/* or "
+                                       "application/octet-stream, as multipart/form-data (field 'data'), or as "
+                                       'application/json {"image": "<base64>"}')
+        if declared == "application/json" and isinstance(value, (bytes, bytearray, str)):
+            raise BadRequest('the body is not valid JSON; send {"image": "<base64>", "format": "png"}')
         if isinstance(value, dict):
             return _bytes_from_json(value)
         if isinstance(value, (bytes, bytearray)):
@@ -39,7 +54,7 @@ def extract_image_bytes(request: dict[str, Any]) -> bytes:
                 "the body was sent as text; send the image bytes (e.g. curl --data-binary @image.jpg "
                 "-H 'Content-Type: application/octet-stream') or as a multipart field named 'data'")
         if isinstance(value, list):
-            raise UnsupportedMediaType("a JSON array is not an image; send {\"image\": \"<base64>\"} or the raw bytes")
+            raise BadRequest('a JSON array is not a request; send {"image": "<base64>"} or the raw bytes')
     raise EmptyBody("the request has no image: send the image bytes as the body, or as a multipart "
                     "field named 'data' or 'file'")
 

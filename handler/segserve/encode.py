@@ -30,29 +30,130 @@ def mask_to_png(mask: np.ndarray, palette: list[int], compress_level: int = PNG_
     return buffer.getvalue()
 
 
-def class_summary(mask: np.ndarray, config: ServingConfig) -> list[dict]:
-    """Per class: id, name, pixel count and fraction of the image."""
-    counts = np.bincount(mask.ravel(), minlength=config.num_classes)
-    total = int(mask.size)
-    return [
-        {"id": c.id, "name": c.name, "pixels": int(counts[c.id]), "fraction": round(int(counts[c.id]) / total, 6)}
-        for c in config.classes
-    ]
+def keep_classes(mask: np.ndarray, classes: tuple[int, ...] | None) -> np.ndarray:
+    """Pixels of classes not asked for become background (0)."""
+    if classes is None:
+        return mask
+    return np.where(np.isin(mask, classes), mask, 0).astype(np.uint8)
 
 
-def json_response(mask: np.ndarray, config: ServingConfig) -> bytes:
-    """The default response: model, size, per-class summary and the mask as base64 PNG."""
+def bbox(binary: np.ndarray) -> list[int] | None:
+    """COCO-style [x, y, width, height] of the True pixels; None when there are none."""
+    rows, cols = np.flatnonzero(binary.any(1)), np.flatnonzero(binary.any(0))
+    if rows.size == 0:
+        return None
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def remove_small_regions(binary: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop 8-connected regions smaller than min_area pixels."""
+    if min_area <= 1 or not binary.any():
+        return binary
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False  # label 0 is the rest of the image
+    return keep[labels]
+
+
+def class_entry(class_info, binary: np.ndarray) -> dict:
+    pixels = int(binary.sum())
+    return {"id": class_info.id, "name": class_info.name, "pixels": pixels,
+            "fraction": round(pixels / binary.size, 6), "bbox": bbox(binary)}
+
+
+def selected(config: ServingConfig, classes: tuple[int, ...] | None):
+    return [c for c in config.classes if classes is None or c.id in classes]
+
+
+def class_summary(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> list[dict]:
+    """Per class: id, name, pixel count, fraction of the image and bounding box."""
+    return [class_entry(c, mask == c.id) for c in selected(config, classes)]
+
+
+def _header(mask: np.ndarray, config: ServingConfig) -> dict:
     height, width = mask.shape
-    body = {
-        "model": config.name,
-        "version": config.version,
-        "width": int(width),
-        "height": int(height),
-        "classes": class_summary(mask, config),
-        "mask": base64.b64encode(mask_to_png(mask, config.palette)).decode("ascii"),
-        "mask_format": "png;base64",
-    }
+    return {"model": config.name, "version": config.version, "width": int(width), "height": int(height)}
+
+
+def _dumps(body: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def json_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> bytes:
+    """The default response: model, size, per-class summary and the mask as base64 PNG."""
+    mask = keep_classes(mask, classes)
+    return _dumps({**_header(mask, config), "classes": class_summary(mask, config, classes),
+                   "mask": base64.b64encode(mask_to_png(mask, config.palette)).decode("ascii"),
+                   "mask_format": "png;base64"})
+
+
+def rle_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None,
+                 min_area: int = 0) -> bytes:
+    """Per class, COCO compressed RLE (`pycocotools.mask.decode` gives back the class's binary mask)."""
+    from pycocotools import mask as coco_mask
+
+    entries = []
+    for c in selected(config, classes):
+        binary = remove_small_regions(mask == c.id, min_area)
+        rle = coco_mask.encode(np.asfortranarray(binary.astype(np.uint8)))
+        entries.append({**class_entry(c, binary),
+                        "rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}})
+    return _dumps({**_header(mask, config), "classes": entries, "mask_format": "coco_rle"})
+
+
+def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
+    """GeoJSON MultiPolygon coordinates of a binary mask: [[exterior, hole, ...], ...], closed rings of [x, y].
+
+    Points are the centres of the boundary pixels (OpenCV's contour tracing), so
+    filling the exterior and clearing the holes rasterizes back to the mask.
+    """
+    import cv2
+
+    if not binary.any():
+        return []
+    contours, hierarchy = cv2.findContours(binary.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    hierarchy = hierarchy[0]
+
+    def ring(contour: np.ndarray) -> list[list[int]]:
+        points = contour.reshape(-1, 2).tolist()
+        return points + [points[0]]
+
+    shapes = []
+    for index, (_, _, child, parent) in enumerate(hierarchy):
+        if parent != -1:
+            continue
+        rings = [ring(contours[index])]
+        while child != -1:
+            rings.append(ring(contours[child]))
+            child = hierarchy[child][0]
+        shapes.append(rings)
+    return shapes
+
+
+def polygons_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None,
+                      min_area: int = 0) -> bytes:
+    entries = []
+    for c in selected(config, classes):
+        binary = remove_small_regions(mask == c.id, min_area)
+        entries.append({**class_entry(c, binary),
+                        "geometry": {"type": "MultiPolygon", "coordinates": polygons(binary)}})
+    return _dumps({**_header(mask, config), "classes": entries, "mask_format": "polygons",
+                   "coordinates": "pixel centres, x right, y down, origin at the top-left pixel"})
+
+
+def probs_npy(probs: np.ndarray) -> bytes:
+    """float16 (C, H, W) class probabilities as a .npy file (`numpy.load(io.BytesIO(body))`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, probs.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def overlay_jpeg(image: Image.Image, mask: np.ndarray, config: ServingConfig, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    overlay(image, mask, config).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def overlay(image: Image.Image, mask: np.ndarray, config: ServingConfig, alpha: float = 0.45,

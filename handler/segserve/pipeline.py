@@ -14,19 +14,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from . import decode, encode
 from .config import ServingConfig
-from .errors import HTTP_PHRASES, InternalError, InvalidOption, SegservError
+from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
 from .models import load_model
+from .options import Options, parse_options
 from .transforms import logits_to_mask, to_model_input
 
 logger = logging.getLogger(__name__)
-
-FORMATS = {"json": "application/json", "png": "image/png"}
-
 
 @dataclass
 class Request:
@@ -62,7 +61,8 @@ class Decoded:
     tensor: torch.Tensor
     width: int
     height: int
-    response_format: str
+    options: Options
+    image: Image.Image | None = None  # kept only for format=overlay
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -72,32 +72,9 @@ def pick_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
-def response_format(request: Request) -> str:
-    """`format` option (multipart field or JSON field) first, then the Accept header; JSON by default.
-
-    TorchServe does not pass URL query strings to handlers, so options travel in the body.
-    """
-    value = request.inputs.get("format")
-    if value is None and isinstance(request.inputs.get("body"), dict):
-        value = request.inputs["body"].get("format")
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    if value is not None:
-        value = str(value).strip().lower()
-        if value not in FORMATS:
-            raise InvalidOption(f"format={value!r} is not supported; use one of: {', '.join(FORMATS)}")
-        return value
-    accept = _header(request.headers, "accept")
-    if accept and "image/png" in accept and "application/json" not in accept:
-        return "png"
-    return "json"
-
-
-def _header(headers: dict[str, str], name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
+def content_types(headers: dict[str, Any]) -> dict[str, str]:
+    """Per-input content types as TorchServe reports them: {"body": {"content-type": "image/png"}}."""
+    return {k: v.get("content-type", "") for k, v in headers.items() if isinstance(v, dict)}
 
 
 class Segmenter:
@@ -150,17 +127,44 @@ class Segmenter:
         batch = torch.stack([self.preprocess_image(image) for image in images])
         return self.masks(self.forward(batch), [image.size for image in images])
 
-    def encode(self, mask: np.ndarray, fmt: str) -> Response:
-        if fmt == "png":
-            return Response(200, FORMATS["png"], encode.mask_to_png(mask, self.config.palette))
-        return Response(200, FORMATS["json"], encode.json_response(mask, self.config))
+    def encode(self, logits: torch.Tensor, item: Decoded) -> Response:
+        """One request's answer in its format, from its logits (C, h, w)."""
+        options, config = item.options, self.config
+        if options.format == "probs":
+            return self._probs(logits, item)
+        mask = logits_to_mask(logits, item.height, item.width)
+        if options.format == "png":
+            body = encode.mask_to_png(encode.keep_classes(mask, options.classes), config.palette)
+        elif options.format == "rle":
+            body = encode.rle_response(mask, config, options.classes, options.min_area)
+        elif options.format == "polygons":
+            body = encode.polygons_response(mask, config, options.classes, options.min_area)
+        elif options.format == "overlay":
+            body = encode.overlay_jpeg(item.image, encode.keep_classes(mask, options.classes), config)
+        else:
+            body = encode.json_response(mask, config, options.classes)
+        return Response(200, options.content_type, body)
+
+    def _probs(self, logits: torch.Tensor, item: Decoded) -> Response:
+        channels = list(item.options.classes or range(self.config.num_classes))
+        size = len(channels) * item.width * item.height * 2
+        limit = self.config.limits.max_response_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"format=probs for this {item.width}x{item.height} image would be {size} bytes; the limit is {limit} "
+                "(max_response_bytes): ask for fewer classes (classes=...), send a smaller image, or use format=png")
+        upsampled = F.interpolate(logits.unsqueeze(0).float(), size=(item.height, item.width), mode="bilinear",
+                                  align_corners=False)[0]
+        probs = upsampled.softmax(0)[channels].to(torch.float16).cpu().numpy()
+        return Response(200, "application/x-npy", encode.probs_npy(probs))
 
     # -- the batch, request by request ------------------------------------------------------
     def decode_request(self, index: int, request: Request) -> Decoded:
-        fmt = response_format(request)
-        data = decode.extract_image_bytes(request.inputs)
+        options = parse_options(request.inputs, request.headers, self.config)
+        data = decode.extract_image_bytes(request.inputs, content_types(request.headers))
         image = decode.decode_image(data, self.config.limits)
-        return Decoded(index, self.preprocess_image(image), image.width, image.height, fmt)
+        return Decoded(index, self.preprocess_image(image), image.width, image.height, options,
+                       image if options.format == "overlay" else None)
 
     def preprocess(self, requests: list[Request]) -> tuple[list[Decoded], dict[int, Response]]:
         """Decode every request; failures become that request's error response."""
@@ -188,8 +192,9 @@ class Segmenter:
         responses: dict[int, Response] = dict(failed)
         for row, item in enumerate(decoded):
             try:
-                mask = logits_to_mask(logits[row], item.height, item.width)
-                responses[item.index] = self.encode(mask, item.response_format)
+                responses[item.index] = self.encode(logits[row], item)
+            except SegservError as error:
+                responses[item.index] = Response.from_error(error)
             except Exception:
                 logger.exception("request %d: unexpected error while encoding the mask", item.index)
                 responses[item.index] = Response.from_error(InternalError("the mask could not be encoded"))

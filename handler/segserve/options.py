@@ -1,0 +1,119 @@
+"""Per-request options: response format, class subset, minimum region area.
+
+Where options come from, first match wins:
+1. fields of a JSON body (`{"image": "<base64>", "format": "rle"}`) or of a multipart form;
+2. the URL path after the version: `/predictions/segmenter/1.0/rle` (format only);
+3. the `Accept` header (`image/png`, `image/jpeg`, `application/x-npy`, `application/json`).
+TorchServe drops URL query strings before the handler sees the request, so
+`?format=png` cannot work; the client and the docs never use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ServingConfig
+from .errors import InvalidOption
+
+FORMATS = {
+    "json": "application/json",
+    "png": "image/png",
+    "rle": "application/json",
+    "polygons": "application/json",
+    "overlay": "image/jpeg",
+    "probs": "application/x-npy",
+}
+ACCEPT_TO_FORMAT = {"image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs",
+                    "application/json": "json"}
+OPTION_NAMES = ("format", "classes", "min_area")
+# Inputs that carry the image rather than options.
+IMAGE_FIELDS = ("body", "data", "file", "image")
+
+
+@dataclass(frozen=True)
+class Options:
+    format: str = "json"
+    classes: tuple[int, ...] | None = None  # None: all classes
+    min_area: int = 0
+
+    @property
+    def content_type(self) -> str:
+        return FORMATS[self.format]
+
+
+def header(headers: dict[str, Any], name: str) -> str | None:
+    """A request header by case-insensitive name (TorchServe keeps the client's spelling)."""
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name and isinstance(value, str):
+            return value
+    return None
+
+
+def raw_options(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Option fields from a JSON body or multipart form, with bytes decoded to text."""
+    fields: dict[str, Any] = {}
+    body = inputs.get("body")
+    if isinstance(body, dict):
+        fields.update({k: v for k, v in body.items() if k != "image"})
+    for key, value in inputs.items():
+        if key in IMAGE_FIELDS:
+            continue
+        fields[key] = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+    return fields
+
+
+def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: ServingConfig) -> Options:
+    fields = raw_options(inputs)
+    unknown = sorted(set(fields) - set(OPTION_NAMES))
+    if unknown:
+        raise InvalidOption(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
+    return Options(format=_format(fields.get("format"), headers),
+                   classes=_classes(fields.get("classes"), config),
+                   min_area=_min_area(fields.get("min_area")))
+
+
+def _format(value: Any, headers: dict[str, Any]) -> str:
+    if value is None:
+        value = header(headers, "url_path") or None
+    if value is not None:
+        name = str(value).strip().lower()
+        if name not in FORMATS:
+            raise InvalidOption(f"format={name!r} is not supported; use one of: {', '.join(FORMATS)}")
+        return name
+    accept = header(headers, "accept") or ""
+    for media_range in accept.split(","):
+        media = media_range.split(";")[0].strip().lower()
+        if media in ACCEPT_TO_FORMAT:
+            return ACCEPT_TO_FORMAT[media]
+    return "json"
+
+
+def _classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
+    if value is None or value == "":
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    by_name = {c.name: c.id for c in config.classes}
+    ids = []
+    for item in items:
+        item = str(item).strip()
+        if item in by_name:
+            ids.append(by_name[item])
+        elif item.isdigit() and int(item) < config.num_classes:
+            ids.append(int(item))
+        else:
+            raise InvalidOption(f"classes: {item!r} is not a class of this model; use names or ids from: "
+                                + ", ".join(f"{c.id}={c.name}" for c in config.classes))
+    return tuple(sorted(set(ids)))
+
+
+def _min_area(value: Any) -> int:
+    if value is None or value == "":
+        return 0
+    try:
+        area = int(str(value).strip())
+    except ValueError:
+        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}") from None
+    if area < 0:
+        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}")
+    return area

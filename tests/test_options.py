@@ -1,0 +1,49 @@
+"""Request options: where they come from, and 400s that name the option and the allowed values."""
+
+import pytest
+
+from segserve.errors import InvalidOption
+from segserve.options import Options, parse_options
+
+
+def parse(inputs=None, headers=None, config=None):
+    return parse_options(inputs or {"body": b"x"}, headers or {}, config)
+
+
+def test_defaults(config):
+    assert parse(config=config) == Options()
+
+
+@pytest.mark.parametrize("inputs, headers, expected", [
+    ({"body": b"x"}, {"Accept": "image/png"}, "png"),
+    ({"body": b"x"}, {"accept": "image/jpeg"}, "overlay"),
+    ({"body": b"x"}, {"Accept": "application/x-npy"}, "probs"),
+    ({"body": b"x"}, {"Accept": "*/*"}, "json"),
+    ({"body": b"x"}, {"Accept": "text/html, image/png;q=0.9"}, "png"),
+    ({"body": b"x"}, {"url_path": "rle"}, "rle"),
+    ({"data": b"x", "format": bytearray(b"polygons")}, {"Accept": "image/png"}, "polygons"),
+    ({"body": {"image": "..", "format": "PNG"}}, {}, "png"),
+])
+def test_format_sources_in_order(config, inputs, headers, expected):
+    assert parse(inputs, headers, config).format == expected
+
+
+def test_classes_by_name_or_id_and_min_area(config):
+    options = parse({"data": b"x", "classes": b"nucleus,1", "min_area": b"25"}, config=config)
+    assert options.classes == (1, 2) and options.min_area == 25
+    assert parse({"body": {"image": "", "classes": ["cell"]}}, config=config).classes == (1,)
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ({"data": b"x", "format": b"gif"}, ["format", "json", "polygons"]),
+    ({"data": b"x", "colour": b"red"}, ["'colour'", "format, classes, min_area"]),
+    ({"data": b"x", "classes": b"mitochondria"}, ["mitochondria", "2=nucleus"]),
+    ({"data": b"x", "min_area": b"-3"}, ["min_area", ">= 0"]),
+    ({"data": b"x", "min_area": b"big"}, ["min_area"]),
+])
+def test_bad_options_are_400_naming_option_and_choices(config, inputs, words):
+    with pytest.raises(InvalidOption) as info:
+        parse(inputs, config=config)
+    assert info.value.status == 400
+    for word in words:
+        assert word in info.value.message
