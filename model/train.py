@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(MODEL_DIR.parent / "handler"))
+THREADS = 2
+# Fixed thread teams before torch loads: with dynamic adjustment, a busy machine gets fewer
+# threads, other reduction splits and so other float rounding (seen: other weights under load).
+for _name, _value in (("OMP_NUM_THREADS", str(THREADS)), ("MKL_NUM_THREADS", str(THREADS)),
+                      ("OMP_DYNAMIC", "FALSE"), ("MKL_DYNAMIC", "FALSE")):
+    os.environ[_name] = _value
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -28,7 +35,6 @@ from segserve.models import build_model  # noqa: E402
 from segserve.synthetic import generate_scene  # noqa: E402
 
 TRAIN_SEED_START = 1_000_000  # evaluation uses seeds from 0: the two never meet
-THREADS = 2
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
