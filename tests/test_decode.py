@@ -9,7 +9,7 @@ from PIL import Image
 
 from segserve.config import Limits
 from segserve.decode import decode_image, extract_image_bytes, to_rgb
-from segserve.errors import EmptyBody, ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from segserve.errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
 LIMITS = Limits(max_bytes=5_000_000, max_pixels=4_000_000)
 
@@ -99,6 +99,11 @@ def test_extract_json_base64():
     payload = base64.b64encode(b"\x89PNG...").decode()
     assert extract_image_bytes({"body": {"image": payload}}) == b"\x89PNG..."
     assert extract_image_bytes({"body": {"image": "data:image/png;base64," + payload}}) == b"\x89PNG..."
+
+
+def test_two_images_in_one_request_is_a_400_not_a_silent_choice():
+    with pytest.raises(BadRequest, match="one image per request"):
+        extract_image_bytes({"data": b"a", "file": b"b"})
 
 
 def test_extract_errors():

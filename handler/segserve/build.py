@@ -1,120 +1,319 @@
 """Build a TorchServe model archive (.mar) that is known to work.
 
-Before packaging, the weights are loaded strictly into the configured
-architecture and one forward pass checks the output: a wrong key, shape or class
-count fails here with a readable message instead of crash-looping a worker.
+The archive's model-config.yaml is the base config (model/model-config.yaml)
+with the architecture, classes, input and version given here. Before anything
+is written, the weights are loaded strictly into the architecture and one
+forward pass checks the output: a wrong key, shape or class count fails here
+with a readable message instead of crash-looping a worker at serve time.
+Weights are never unpickled as code: state_dicts are read with safetensors or
+torch.load(weights_only=True) and stored in the archive as safetensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from .config import ConfigError, ServingConfig
-from .models import build_model, load_state_dict
+from .models import TORCHVISION_ARCHS, build_model, load_state_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO = PACKAGE_DIR.parent.parent
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+STATE_FILE, SCRIPT_FILE = "weights.safetensors", "model.torchscript.pt"
 
 
 class BuildError(RuntimeError):
     pass
 
 
-def check_model(config: ServingConfig, weights: Path) -> None:
-    """Strict load plus one forward pass; raise BuildError listing what does not fit."""
-    model = build_model(config.arch, config.num_classes, **config.arch_params)
+# -- weights ------------------------------------------------------------------------------------
+def is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state_dict from .safetensors or .pt/.pth, unwrapped ({"state_dict": ...}) and without
+    DataParallel's `module.` prefixes."""
     try:
-        state = load_state_dict(weights)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a build error, said plainly
-        raise BuildError(f"cannot read weights {weights}: {str(exc).splitlines()[0][:300]}") from None
+        state: Any = load_state_dict(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreadable or refused file is a build error, said plainly
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unpickl" in type(exc).__name__:
+            raise BuildError(f"cannot read weights {path}: it holds pickled Python objects, not just tensors, and "
+                             "segserve never unpickles code. Save a state_dict instead: "
+                             "torch.save(model.state_dict(), 'weights.pt') (or safetensors). "
+                             f"(torch said: {first})") from None
+        raise BuildError(f"cannot read weights {path}: {first}") from None
+    if isinstance(state, dict):
+        for key in WRAPPER_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BuildError(f"{path} is not a state_dict (a dict of parameter names to tensors); save "
+                         "model.state_dict(), optionally wrapped as {'state_dict': ...} or {'model': ...}")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise BuildError listing missing/unexpected keys and shape mismatches."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
-        lines = [f"weights {weights} do not fit architecture {config.arch!r} "
-                 f"with {config.num_classes} classes:"]
+        lines = [f"weights do not fit {what}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("shape mismatches", mismatched)):
             if items:
                 shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
                 lines.append(f"  {title} ({len(items)}): {shown}")
         raise BuildError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
-    model.eval()
+
+
+def check_output(model: torch.nn.Module, config: ServingConfig) -> None:
     height, width = config.input_size
     with torch.inference_mode():
-        output = model(torch.zeros(1, 3, height, width))
-    if isinstance(output, dict):
+        output = model.eval()(torch.zeros(1, 3, height, width))
+    if isinstance(output, dict):  # torchvision: {"out": ..., "aux": ...}
         output = output["out"]
-    if output.dim() != 4 or output.shape[1] != config.num_classes:
-        raise BuildError(f"the model outputs shape {tuple(output.shape)} but {config.num_classes} classes are "
-                         f"configured: expected (N, {config.num_classes}, H, W)")
+    if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[1] != config.num_classes:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise BuildError(f"the model outputs {shape} but {config.num_classes} classes are configured "
+                         f"({', '.join(config.class_names)}): expected (N, {config.num_classes}, H, W)")
 
 
+def check_model(config: ServingConfig, weights: Path) -> None:
+    """Strict load plus one forward pass of a state_dict file; raise BuildError if it does not fit."""
+    model = build_model(config.arch, config.num_classes, **config.arch_params)
+    state = read_state_dict(weights)
+    check_fit(model, state, f"architecture {config.arch!r} with {config.num_classes} classes")
+    model.load_state_dict(state, strict=True)
+    check_output(model, config)
+
+
+# -- classes and config --------------------------------------------------------------------------
+def parse_classes(value: str) -> list:
+    """--classes: a .json/.yaml/.txt file, or comma-separated names."""
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text()
+        if path.suffix in (".json", ".yaml", ".yml"):
+            doc = yaml.safe_load(text)  # YAML reads JSON too
+            doc = doc.get("classes") if isinstance(doc, dict) else doc
+            if not isinstance(doc, list):
+                raise BuildError(f"{path}: expected a list of class names or {{name, color}} entries")
+            return doc
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if value.endswith((".json", ".yaml", ".yml", ".txt")):
+        raise BuildError(f"classes file not found: {value}")
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def make_config(base: Path, **overrides: Any) -> dict:
+    """The archive's model-config.yaml: the base file with these `handler:` overrides applied."""
+    if not base.is_file():
+        raise BuildError(f"model config not found: {base}")
+    doc = yaml.safe_load(base.read_text()) or {}
+    section = copy.deepcopy(doc.get("handler") or {})
+    model = section.setdefault("model", {})
+    inp = section.setdefault("input", {})
+    for key in ("name", "version", "arch", "arch_params", "weights"):
+        if overrides.get(key) is not None:
+            model[key] = overrides[key]
+    if overrides.get("classes") is not None:
+        section["classes"] = overrides["classes"]
+    for key in ("size", "mean", "std"):
+        if overrides.get(key) is not None:
+            inp[key] = overrides[key]
+    doc["handler"] = section
+    return doc
+
+
+# -- the archive ---------------------------------------------------------------------------------
 def build(name: str, config_path: Path, weights: Path, export_path: Path, version: str | None = None,
-          handler: Path | None = None) -> Path:
-    for label, path in (("model config", config_path), ("weights", weights)):
-        if not path.is_file():
-            raise BuildError(f"{label} not found: {path}" +
-                             (" (run `make train` to create the default weights)" if label == "weights" else ""))
+          handler: Path | None = None, *, arch: str | None = None, arch_params: dict | None = None,
+          model_file: Path | None = None, model_class: str | None = None, model_args: dict | None = None,
+          classes: list | None = None, input_size: list[int] | None = None, mean: list[float] | None = None,
+          std: list[float] | None = None, archive_name: str | None = None) -> Path:
+    """Check the model, then write export_path/<archive_name or name>.mar."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise BuildError(f"weights not found: {weights}" +
+                         (" (run `make train` to create the default weights)" if arch is None else ""))
     handler = handler or REPO / "handler" / "segmenter_handler.py"
     if not handler.is_file():
         raise BuildError(f"handler not found: {handler}")
-    config = ServingConfig.from_yaml(config_path)
-    check_model(config, weights)
+    scripted = arch == "torchscript" or (arch is None and is_torchscript(weights))
+    if model_file is not None:
+        if not Path(model_file).is_file():
+            raise BuildError(f"model file not found: {model_file}")
+        if not model_class:
+            raise BuildError("--model-file needs --model-class, the nn.Module subclass to build")
+        arch = "custom"
+        arch_params = {"module": Path(model_file).stem, "class": model_class, "kwargs": model_args or {}}
+    elif scripted:
+        arch, arch_params = "torchscript", {}
+    base = ServingConfig.from_yaml(config_path)
+    if (arch in TORCHVISION_ARCHS or arch == "custom") and arch != base.arch and classes is None:
+        raise BuildError(f"--classes is needed with --arch {arch}: the default classes belong to the default "
+                         "model (give names, e.g. --classes background,road,car, or a .json/.txt file)")
+    if arch in TORCHVISION_ARCHS:
+        input_size = input_size or [520, 520]
+        mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    if arch in TORCHVISION_ARCHS and arch_params is None:
+        # A checkpoint trained with aux_loss=True carries the auxiliary head: build it to match.
+        probe = read_state_dict(weights)
+        arch_params = {"aux_loss": any(k.startswith("aux_classifier.") for k in probe)}
+    doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
+                      weights=SCRIPT_FILE if scripted else STATE_FILE, classes=classes, size=input_size,
+                      mean=mean, std=std)
+    try:
+        config = ServingConfig.from_dict(doc["handler"])
+    except ConfigError as exc:
+        raise BuildError(str(exc)) from None
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segserve-mar-") as tmp:
         stage = Path(tmp) / "extra"
         # --extra-files copies a folder's contents into the archive root, subfolders intact.
         shutil.copytree(PACKAGE_DIR, stage / "segserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        shutil.copy2(weights, stage / config.weights)
+        if model_file is not None:
+            shutil.copy2(model_file, stage / Path(model_file).name)
+        with _importable(stage, Path(model_file).stem if model_file else None):
+            if scripted:
+                try:
+                    model = torch.jit.load(str(weights), map_location="cpu")
+                except Exception as exc:  # noqa: BLE001
+                    raise BuildError(f"cannot load TorchScript file {weights}: {str(exc).splitlines()[0]}") from None
+                check_output(model, config)
+                shutil.copy2(weights, stage / SCRIPT_FILE)
+            else:
+                model = build_model(config.arch, config.num_classes, **config.arch_params)
+                state = read_state_dict(weights)
+                check_fit(model, state, f"architecture {config.arch!r} with {config.num_classes} classes")
+                model.load_state_dict(state, strict=True)
+                check_output(model, config)
+                # Clones: safetensors refuses tensors that share memory (tied weights).
+                save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / STATE_FILE))
         (stage / "index_to_name.json").write_text(json.dumps({str(c.id): c.name for c in config.classes}))
-        cmd = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
-            "--model-name", name,
-            "--version", version or config.version,
-            "--handler", str(handler),
-            "--extra-files", str(stage),
-            "--config-file", str(config_path),
-            "--export-path", str(export_path),
-            "--force",
-        ]
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name,
+               "--version", config.version, "--handler", str(handler), "--extra-files", str(stage),
+               "--config-file", str(config_file), "--export-path", str(Path(tmp) / "out"), "--force"]
+        (Path(tmp) / "out").mkdir()
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise BuildError(f"torch-model-archiver failed:\n{result.stdout}{result.stderr}")
-    return export_path / f"{name}.mar"
+        target = export_path / f"{archive_name or name}.mar"
+        shutil.move(str(Path(tmp) / "out" / f"{name}.mar"), target)
+    return target
+
+
+class _importable:
+    """Make the staged user module importable for the build-time check, and forget it afterwards."""
+
+    def __init__(self, folder: Path, module: str | None):
+        self.folder, self.module = str(folder), module
+
+    def __enter__(self):
+        if self.module:
+            sys.path.insert(0, self.folder)
+            sys.modules.pop(self.module, None)
+            importlib.invalidate_caches()
+
+    def __exit__(self, *exc):
+        if self.module:
+            sys.path.remove(self.folder)
+            sys.modules.pop(self.module, None)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.485,0.456,0.406, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers (R,G,B), got {text!r}")
+    return values
+
+
+def _size(text: str) -> list[int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, e.g. 520 or 480x640, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build_mar.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="segmenter", help="model name (URL path and archive name)")
-    parser.add_argument("--config", type=Path, default=REPO / "model" / "model-config.yaml")
+    parser.add_argument("--name", default="segmenter", help="model name: the URL is /predictions/NAME")
+    parser.add_argument("--version", default=None, help="model version (default: the config's, 1.0)")
+    parser.add_argument("--archive-name", default=None, help="file name of the .mar without suffix (default: NAME)")
+    parser.add_argument("--arch", default=None,
+                        help=f"architecture: unet (default), torchscript, or one of {', '.join(TORCHVISION_ARCHS)}")
+    parser.add_argument("--model-file", type=Path, default=None, help="your own architecture: a .py file")
+    parser.add_argument("--model-class", default=None, help="the nn.Module class in --model-file")
+    parser.add_argument("--model-args", type=json.loads, default=None,
+                        help='JSON keyword arguments for --model-class, e.g. \'{"width": 32}\'')
     parser.add_argument("--weights", type=Path, default=None,
-                        help="state_dict file (default: the one model-config.yaml names, under model/)")
-    parser.add_argument("--version", default=None, help="archive version (default: model-config.yaml's)")
+                        help="state_dict (.pt/.pth, plain, {'state_dict': ...}/{'model': ...}, DataParallel "
+                             "'module.' prefixes) or .safetensors, or a TorchScript file (default: model/'s)")
+    parser.add_argument("--classes", type=parse_classes, default=None,
+                        help="class names, comma-separated, or a .json/.yaml/.txt file (names or {name, color})")
+    parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
+    parser.add_argument("--mean", type=_floats, default=None, help="normalization mean, R,G,B in 0..1")
+    parser.add_argument("--std", type=_floats, default=None, help="normalization std, R,G,B")
+    parser.add_argument("--config", type=Path, default=REPO / "model" / "model-config.yaml",
+                        help="base model-config.yaml (workers, batching, limits)")
     parser.add_argument("--export-path", type=Path, default=REPO / "model-store")
     args = parser.parse_args(argv)
     try:
         weights = args.weights
         if weights is None:
-            if not args.config.is_file():
-                raise BuildError(f"model config not found: {args.config}")
+            if args.arch or args.model_file:
+                raise BuildError("--weights is needed with --arch or --model-file")
             weights = args.config.parent / ServingConfig.from_yaml(args.config).weights
-        mar = build(args.name, args.config, weights, args.export_path, args.version)
-    except (BuildError, ConfigError, ValueError) as exc:
+        mar = build(args.name, args.config, weights, args.export_path, args.version, arch=args.arch,
+                    model_file=args.model_file, model_class=args.model_class, model_args=args.model_args,
+                    classes=args.classes, input_size=args.input_size, mean=args.mean, std=args.std,
+                    archive_name=args.archive_name)
+    except (BuildError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"build_mar.sh: error: {exc}", file=sys.stderr)
         return 2
-    print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+    config = ServingConfig.from_dict(yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"])
+    print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch}, "
+          f"{config.num_classes} classes ({', '.join(config.class_names)}), input "
+          f"{config.input_size[0]}x{config.input_size[1]}")
     return 0
 
 

@@ -33,6 +33,10 @@ def extract_image_bytes(request: dict[str, Any], content_types: dict[str, str] |
     TorchServe hands over as raw bytes, from an image.
     """
     content_types = content_types or {}
+    present = [key for key in IMAGE_FIELDS if key in request]
+    if len(present) > 1:
+        raise BadRequest(f"one image per request: got fields {', '.join(present)}; send each image in its own "
+                         "request (the client's predict_many does this concurrently)")
     for key in IMAGE_FIELDS:
         if key not in request:
             continue

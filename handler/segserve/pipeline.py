@@ -7,6 +7,7 @@ requests batched with it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -23,9 +23,10 @@ from .config import ServingConfig
 from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
 from .models import load_model
 from .options import Options, parse_options
-from .transforms import logits_to_mask, to_model_input
+from .transforms import logits_to_mask, to_model_input, upsample_logits
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Request:
@@ -48,8 +49,6 @@ class Response:
 
     @classmethod
     def from_error(cls, error: SegservError) -> Response:
-        import json
-
         return cls(error.status, "application/json", json.dumps(error.to_dict()).encode(), error.type)
 
 
@@ -153,9 +152,7 @@ class Segmenter:
             raise PayloadTooLarge(
                 f"format=probs for this {item.width}x{item.height} image would be {size} bytes; the limit is {limit} "
                 "(max_response_bytes): ask for fewer classes (classes=...), send a smaller image, or use format=png")
-        upsampled = F.interpolate(logits.unsqueeze(0).float(), size=(item.height, item.width), mode="bilinear",
-                                  align_corners=False)[0]
-        probs = upsampled.softmax(0)[channels].to(torch.float16).cpu().numpy()
+        probs = upsample_logits(logits, item.height, item.width).softmax(0)[channels].to(torch.float16).cpu().numpy()
         return Response(200, "application/x-npy", encode.probs_npy(probs))
 
     # -- the batch, request by request ------------------------------------------------------

@@ -188,6 +188,22 @@ class TorchServe:
             raise ServerError(f"a worker of {model!r} failed while loading the model (TorchServe will keep "
                               f"restarting it).\nWorker log ({log}):\n{self.log_tail('model_log.log', 40)}")
 
+    def registered_models(self, timeout: float = 120) -> list[str]:
+        """Names of the models TorchServe has registered (waits for the management API)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                response = requests.get(f"{self.management_url}/models", headers=self.headers("management"),
+                                        timeout=5)
+                names = [m["modelName"] for m in response.json().get("models", [])]
+                if response.status_code == 200 and names:
+                    return names
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"no model registered after {timeout:.0f}s; see {self.log_dir / 'ts_log.log'}")
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / name
         if not path.is_file():
@@ -256,8 +272,11 @@ def ports_from_env() -> dict[str, int]:
 
 # -- `python -m segserve.server start|stop|status`: what `make serve` / `make stop` run -----------
 def _local_server(repo: Path) -> TorchServe:
+    # SEGSERVE_MODELS: archives to load, comma-separated (NAME=FILE.mar or FILE.mar), or "all".
+    models = tuple(m.strip() for m in os.environ.get("SEGSERVE_MODELS", "segmenter=segmenter.mar").split(",")
+                   if m.strip())
     return TorchServe(workdir=repo / "run", model_store=repo / "model-store", base_config=repo / "config.properties",
-                      ports=ports_from_env(), models=("segmenter=segmenter.mar",))
+                      ports=ports_from_env(), models=models)
 
 
 def _running_pid(server: TorchServe) -> int | None:
@@ -314,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"starting TorchServe (logs in {server.log_dir}) ...", flush=True)
         server.start()
-        server.wait_ready("segmenter", timeout=args.timeout)
+        for model in server.registered_models():
+            server.wait_ready(model, timeout=args.timeout)
         print(_example(server, repo))
         return 0
     except ServerError as exc:

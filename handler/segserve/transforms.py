@@ -39,9 +39,14 @@ def logits_to_mask(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     Logits, not labels, are upsampled (bilinear), so boundaries land between
     input pixels as they should rather than in blocks of the model's stride.
     """
+    return upsample_logits(logits, height, width).argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def upsample_logits(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Class logits (C, h, w) -> float logits (C, height, width), bilinear."""
     if logits.dim() != 3:
         raise ValueError(f"expected logits of shape (C, h, w), got {tuple(logits.shape)}")
-    if logits.shape[-2:] != (height, width):
-        logits = F.interpolate(logits.unsqueeze(0).float(), size=(height, width), mode="bilinear",
-                               align_corners=False)[0]
-    return logits.argmax(0).to(torch.uint8).cpu().numpy()
+    if logits.shape[-2:] == (height, width):
+        return logits.float()
+    return F.interpolate(logits.unsqueeze(0).float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[0]

@@ -1,0 +1,192 @@
+"""Bring your own model: architectures, model files, checkpoint shapes, refusals; served side by side."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from conftest import MODEL_CONFIG, REPO, encode_image, random_image
+from PIL import Image
+from safetensors.torch import save_file
+
+from segserve.build import BuildError, build, main, read_state_dict
+from segserve.models import TORCHVISION_ARCHS, build_model
+from segserve.server import TorchServe, free_port
+
+CLASSES = ["background", "road", "car"]
+SMALL = [64, 64]
+
+# The classic "embed a PyTorch segmentation model" recipe: a two-layer toy network, 2 classes.
+TOY = textwrap.dedent('''
+    import torch.nn as nn
+
+    class ToySegmenter(nn.Module):
+        def __init__(self, num_classes=2):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+            self.conv2 = nn.Conv2d(8, num_classes, kernel_size=1)
+
+        def forward(self, x):
+            return self.conv2(self.conv1(x).relu())
+''')
+
+
+def toy_files(tmp_path):
+    model_file = tmp_path / "toy_model.py"
+    model_file.write_text(TOY)
+    namespace: dict = {}
+    exec(TOY, namespace)
+    torch.manual_seed(0)
+    weights = tmp_path / "toy.pt"
+    torch.save(namespace["ToySegmenter"](num_classes=2).state_dict(), weights)
+    return model_file, weights
+
+
+def unet_state():
+    torch.manual_seed(1)
+    return build_model("unet", 3, base_channels=16, depth=3).state_dict()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "dataparallel", "safetensors"])
+def test_checkpoint_shapes_are_unwrapped(tmp_path, wrap):
+    state = unet_state()
+    path = tmp_path / ("w.safetensors" if wrap == "safetensors" else "w.pt")
+    if wrap == "safetensors":
+        save_file(state, str(path))
+    else:
+        obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3}, "model": {"model": state},
+               "dataparallel": {f"module.{k}": v for k, v in state.items()}}[wrap]
+        torch.save(obj, path)
+    assert set(read_state_dict(path)) == set(state)
+    mar = build("wrapped", MODEL_CONFIG, path, tmp_path / "store")
+    assert "weights.safetensors" in zipfile.ZipFile(mar).namelist()
+
+
+def test_a_pickled_model_object_is_refused_with_a_hint(tmp_path):
+    torch.save(build_model("unet", 3, base_channels=4, depth=2), tmp_path / "whole.pt")
+    with pytest.raises(BuildError, match=r"never unpickles code.*state_dict\(\)"):
+        read_state_dict(tmp_path / "whole.pt")
+
+
+def test_malicious_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pth")
+    code = main(["--weights", str(tmp_path / "evil.pth"), "--export-path", str(tmp_path / "store")])
+    assert code == 2 and not marker.exists()
+    assert not (tmp_path / "store" / "segmenter.mar").exists()
+
+
+def test_mismatched_state_dict_fails_the_build_with_keys_listed(tmp_path, capsys):
+    state = build_model("fcn_resnet50", 5, aux_loss=False).state_dict()
+    torch.save(state, tmp_path / "five.pt")
+    code = main(["--name", "roads", "--arch", "fcn_resnet50", "--weights", str(tmp_path / "five.pt"),
+                 "--classes", ",".join(CLASSES), "--export-path", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "shape mismatches (2)" in err and "classifier.4.weight" in err and "(5, 512, 1, 1)" in err
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+
+
+def test_wrong_class_count_from_a_model_file_is_caught_by_the_forward_pass(tmp_path, capsys):
+    model_file, weights = toy_files(tmp_path)
+    code = main(["--name", "toy", "--model-file", str(model_file), "--model-class", "ToySegmenter",
+                 "--model-args", '{"num_classes": 2}', "--weights", str(weights), "--classes", "a,b,c",
+                 "--export-path", str(tmp_path / "store")])
+    assert code == 2
+    assert "outputs (1, 2," in capsys.readouterr().err
+
+
+def test_torchscript_weights(tmp_path):
+    model = build_model("unet", 3, base_channels=4, depth=2).eval()
+    scripted = torch.jit.trace(model, torch.zeros(1, 3, 64, 64))
+    scripted.save(str(tmp_path / "scripted.pt"))
+    mar = build("scripted", MODEL_CONFIG, tmp_path / "scripted.pt", tmp_path / "store")
+    config = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"]
+    assert config["model"]["arch"] == "torchscript"
+
+
+def test_classes_from_files(tmp_path):
+    from segserve.build import parse_classes
+
+    (tmp_path / "c.txt").write_text("background\nroad\n\ncar\n")
+    (tmp_path / "c.json").write_text('[{"name": "background", "color": [0, 0, 0]}, "road"]')
+    assert parse_classes(str(tmp_path / "c.txt")) == CLASSES
+    assert parse_classes(str(tmp_path / "c.json"))[1] == "road"
+    assert parse_classes("a, b") == ["a", "b"]
+    with pytest.raises(BuildError, match="not found"):
+        parse_classes(str(tmp_path / "missing.json"))
+
+
+# -- served side by side ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """One TorchServe with every torchvision architecture, the toy model and two versions of the default."""
+    root = tmp_path_factory.mktemp("zoo")
+    store = root / "store"
+    for arch in TORCHVISION_ARCHS:
+        torch.manual_seed(0)
+        weights = root / f"{arch}.pt"
+        # Trained with the auxiliary head where the architecture has one, as torchvision's recipes do.
+        aux = {} if arch.startswith("lraspp") else {"aux_loss": True}
+        torch.save(build_model(arch, len(CLASSES), **aux).state_dict(), weights)
+        build(arch, MODEL_CONFIG, weights, store, arch=arch, classes=CLASSES, input_size=SMALL)
+        weights.unlink()
+    model_file, toy_weights = toy_files(root)
+    build("toy", MODEL_CONFIG, toy_weights, store, model_file=model_file, model_class="ToySegmenter",
+          classes=["background", "foreground"], input_size=SMALL)
+    default_weights = REPO / "model" / "segmenter.safetensors"
+    build("segmenter", MODEL_CONFIG, default_weights, store, version="1.0", archive_name="segmenter-1.0")
+    build("segmenter", MODEL_CONFIG, default_weights, store, version="2.0", archive_name="segmenter-2.0")
+    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
+                    ports={"inference": free_port(), "management": free_port(), "metrics": free_port()},
+                    models=tuple(sorted(p.name for p in store.glob("*.mar"))))
+    ts.start()
+    try:
+        for name in (*TORCHVISION_ARCHS, "toy", "segmenter"):
+            ts.wait_ready(name, timeout=300)
+        yield ts
+    finally:
+        ts.stop()
+
+
+def predict(ts, path, image, **headers):
+    return requests.post(f"{ts.inference_url}/predictions/{path}", data=encode_image(image),
+                         headers={**ts.headers(), **headers}, timeout=120)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", [*TORCHVISION_ARCHS, "toy"])
+def test_each_architecture_serves_masks_at_input_size(zoo, name):
+    response = predict(zoo, name, random_image(97, 61, seed=3), Accept="image/png")
+    assert response.status_code == 200, response.text
+    mask = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert mask.shape == (61, 97)
+    assert mask.max() < (2 if name == "toy" else len(CLASSES))
+    body = predict(zoo, name, random_image(40, 30)).json()
+    assert [c["name"] for c in body["classes"]] == (["background", "foreground"] if name == "toy" else CLASSES)
+
+
+@pytest.mark.integration
+def test_versions_side_by_side_with_routing_and_default(zoo):
+    image = random_image(50, 40)
+    assert predict(zoo, "segmenter/1.0", image).json()["version"] == "1.0"
+    assert predict(zoo, "segmenter/2.0", image).json()["version"] == "2.0"
+    headers = zoo.headers("management")
+    url = f"{zoo.management_url}/models/segmenter"
+    described = requests.get(f"{url}/all", headers=headers, timeout=30).json()
+    assert sorted(m["modelVersion"] for m in described) == ["1.0", "2.0"]
+    for version in ("2.0", "1.0"):
+        response = requests.put(f"{url}/{version}/set-default", headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        assert predict(zoo, "segmenter", image).json()["version"] == version
