@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / "handler"))
 from segserve.build import build  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
-from segserve.server import TorchServe, free_port  # noqa: E402
+from segserve.server import TorchServe, free_ports  # noqa: E402
 
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
 MODEL = "segmenter"
@@ -47,7 +47,7 @@ def server(tmp_path_factory):
     store = root / "model-store"
     build(MODEL, MODEL_CONFIG, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
     ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports={"inference": free_port(), "management": free_port(), "metrics": free_port()},
+                    ports=free_ports("inference", "management", "metrics"),
                     models=(f"{MODEL}={MODEL}.mar",))
     ts.start()
     try:

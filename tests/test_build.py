@@ -23,7 +23,8 @@ def small_model_dir(tmp_path):
     doc["handler"]["model"]["arch_params"] = SMALL
     (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(doc))
     torch.manual_seed(0)
-    save_file(build_model("unet", 3, **SMALL).state_dict(), str(tmp_path / "segmenter.safetensors"))
+    save_file({k: v.contiguous() for k, v in build_model("unet", 3, **SMALL).state_dict().items()},
+              str(tmp_path / "segmenter.safetensors"))
     return tmp_path
 
 
@@ -42,7 +43,7 @@ def test_archive_holds_handler_package_weights_config_and_class_names(small_mode
 
 def test_mismatched_state_dict_is_refused_with_the_keys_listed(small_model_dir, tmp_path):
     state = build_model("unet", 5, **SMALL).state_dict()  # 5 classes, config says 3
-    save_file(state, str(tmp_path / "wrong.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "wrong.safetensors"))
     config = ServingConfig.from_yaml(small_model_dir / "model-config.yaml")
     with pytest.raises(BuildError, match="shape mismatches") as info:
         check_model(config, tmp_path / "wrong.safetensors")
@@ -50,7 +51,7 @@ def test_mismatched_state_dict_is_refused_with_the_keys_listed(small_model_dir, 
     state = build_model("unet", 3, **SMALL).state_dict()
     state["extra.weight"] = torch.zeros(1)
     del state[next(iter(state))]
-    save_file(state, str(tmp_path / "keys.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "keys.safetensors"))
     with pytest.raises(BuildError, match=r"(?s)missing keys.*unexpected keys.*extra\.weight"):
         check_model(config, tmp_path / "keys.safetensors")
 

@@ -1,53 +1,265 @@
-"""The Python client and the `segserve` CLI: tokens, retries, many images, end to end against TorchServe."""
+"""The Python client and the `segserve` CLI: tokens, retries, errors, many images, end to end against TorchServe.
 
+Unit tests use a scripted fake session or a tiny local HTTP server; the `integration` ones use the real
+TorchServe from conftest's session fixture.
+"""
+
+import base64
+import io
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import requests
 from conftest import encode_image
 from PIL import Image
 
+from segserve import client as client_module
 from segserve.cli import main
-from segserve.client import SegservClient, SegservError, read_key
+from segserve.client import Prediction, SegservClient, SegservError, read_key, resolve_token
 from segserve.synthetic import generate_scene
 
+INVALID_KEY = {"code": 400, "type": "InvalidKeyException",
+               "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
 
-def test_token_resolution_order(tmp_path, monkeypatch):
-    keys = tmp_path / "key_file.json"
-    keys.write_text(json.dumps({"inference": {"key": "from-file"}, "management": {"key": "m-file"}}))
+
+def png_bytes(width: int, height: int) -> bytes:
+    return encode_image(Image.new("P", (width, height)))
+
+
+def response(status: int, body: bytes | dict | list = b"", content_type: str = "application/json") -> requests.Response:
+    r = requests.Response()
+    r.status_code = status
+    r._content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r.headers["Content-Type"] = content_type
+    r.reason = "scripted"
+    return r
+
+
+class FakeSession:
+    """Answers from a script: each item is a Response to return or an exception to raise; records the calls."""
+
+    def __init__(self, *script):
+        self.script, self.calls = list(script), []
+
+    def request(self, method, url, headers=None, timeout=None, **kwargs):
+        self.calls.append({"method": method, "url": url, "headers": headers or {}, **kwargs})
+        item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@pytest.fixture()
+def no_env(monkeypatch, tmp_path):
+    """A scratch cwd and no SEGSERVE_* variables, so the developer's own run/key_file.json cannot leak in."""
+    for name in ("SEGSERVE_URL", "SEGSERVE_TOKEN", "SEGSERVE_MANAGEMENT_TOKEN", "SEGSERVE_KEY_FILE",
+                 "SEGSERVE_MANAGEMENT_URL"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SEGSERVE_TOKEN", raising=False)
-    monkeypatch.delenv("SEGSERVE_KEY_FILE", raising=False)
-    assert SegservClient().token == "from-file"  # ./key_file.json
-    monkeypatch.setenv("SEGSERVE_TOKEN", "from-env")
-    assert SegservClient().token == "from-env"
+    return tmp_path
+
+
+@pytest.fixture()
+def sleeps(monkeypatch):
+    """Record backoff delays instead of sleeping them."""
+    delays = []
+    monkeypatch.setattr(client_module.time, "sleep", delays.append)
+    return delays
+
+
+def write_keys(path, inference, management="m"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"inference": {"key": inference}, "management": {"key": management},
+                                "API": {"key": "api"}}))
+    return path
+
+
+# -- tokens ---------------------------------------------------------------------------------------------
+def test_token_resolution_order(no_env, monkeypatch):
+    write_keys(no_env / "key_file.json", "cwd", "m-cwd")
+    assert SegservClient().token == "cwd"
+    write_keys(no_env / "run" / "key_file.json", "run", "m-run")
+    assert (SegservClient().token, SegservClient().management_token) == ("run", "m-run")
+    monkeypatch.setenv("SEGSERVE_KEY_FILE", str(write_keys(no_env / "env.json", "env-file")))
+    assert SegservClient().token == "env-file"
+    assert SegservClient(key_file=write_keys(no_env / "arg.json", "arg-file")).token == "arg-file"
+    monkeypatch.setenv("SEGSERVE_TOKEN", "env-token")
+    monkeypatch.setenv("SEGSERVE_MANAGEMENT_TOKEN", "env-m")
+    assert SegservClient(key_file=no_env / "arg.json").token == "env-token"
+    assert SegservClient().management_token == "env-m"
     assert SegservClient(token="explicit").token == "explicit"
-    assert read_key("management", keys) == "m-file"
-    with pytest.raises(FileNotFoundError, match="key file not found"):
-        read_key("inference", tmp_path / "nope.json")
+    assert resolve_token("inference", "explicit")[1] == "the token argument (--token)"
+
+
+def test_named_key_file_must_exist_and_be_a_key_file(no_env, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_key("inference", no_env / "nope.json")
+    monkeypatch.setenv("SEGSERVE_KEY_FILE", str(no_env / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="SEGSERVE_KEY_FILE"):
+        SegservClient()
+    (no_env / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a TorchServe key file"):
+        read_key("inference", no_env / "bad.json")
+
+
+def test_no_token_sends_no_header_and_the_error_says_where_it_looked(no_env):
+    session = FakeSession(response(400, INVALID_KEY))
+    client = SegservClient(session=session)
+    assert client.token is None
+    with pytest.raises(SegservError) as info:
+        client.predict(b"x")
+    assert "Authorization" not in session.calls[0]["headers"]
+    assert info.value.status == 400 and info.value.type == "InvalidKeyException"
+    assert "$SEGSERVE_TOKEN" in info.value.message and "run/key_file.json" in info.value.message
+
+
+def test_wrong_token_error_names_its_source(no_env):
+    write_keys(no_env / "run" / "key_file.json", "stale")
+    client = SegservClient(session=FakeSession(response(401, INVALID_KEY)))
+    with pytest.raises(SegservError, match=r"refused the inference token from run/key_file.json") as info:
+        client.predict(b"x")
+    assert info.value.status == 401
+
+
+def test_management_url_defaults_only_for_torchserve_default_port(no_env):
+    assert SegservClient("http://h:8080/").management_url == "http://h:8081"
+    assert SegservClient("http://h:9000").management_url is None
+    assert SegservClient("http://h:9000", management_url="http://h:9001/").management_url == "http://h:9001"
+
+
+# -- retries and errors ---------------------------------------------------------------------------------
+def test_retries_503_507_and_connection_errors_with_growing_jittered_backoff(no_env, sleeps):
+    ok = response(200, png_bytes(3, 2), "image/png")
+    session = FakeSession(response(503, b"busy", "text/plain"), response(507, {"code": 507}),
+                          requests.ConnectionError("refused"), requests.Timeout("slow"), ok)
+    client = SegservClient(token="t", retries=4, backoff=1.0, session=session)
+    assert client.predict(b"img", format="png").mask().shape == (2, 3)
+    assert len(session.calls) == 5
+    for attempt, delay in enumerate(sleeps):
+        assert 0.5 * 2 ** attempt <= delay <= 1.5 * 2 ** attempt
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 500])
+def test_other_errors_are_not_retried_and_carry_the_server_message(no_env, sleeps, status):
+    body = {"code": status, "type": "invalid_image", "message": "cannot decode the image"}
+    session = FakeSession(response(status, body), response(200, png_bytes(1, 1), "image/png"))
+    with pytest.raises(SegservError) as info:
+        SegservClient(token="t", session=session).predict(b"x")
+    assert (info.value.status, info.value.type, info.value.message) == (status, "invalid_image",
+                                                                        "cannot decode the image")
+    assert len(session.calls) == 1 and sleeps == []
+
+
+def test_gives_up_after_retries_and_parses_non_json_errors(no_env, sleeps):
+    session = FakeSession(response(503, b"Service Unavailable: queue full", "text/plain"))
+    with pytest.raises(SegservError, match="queue full") as info:
+        SegservClient(token="t", retries=2, session=session).predict(b"x")
+    assert info.value.status == 503 and info.value.type == "http_error"
+    assert len(session.calls) == 3 and len(sleeps) == 2
+
+
+def test_unreachable_server_is_a_clear_error(no_env, sleeps):
+    session = FakeSession(requests.ConnectionError("refused"))
+    with pytest.raises(SegservError, match=r"cannot reach http://127.0.0.1:1 .*3 attempts.*--url") as info:
+        SegservClient("http://127.0.0.1:1", token="t", retries=2, session=session).predict(b"x")
+    assert info.value.status == 0 and len(session.calls) == 3
+
+
+def test_request_is_multipart_with_options_as_form_fields(no_env, tmp_path):
+    path = tmp_path / "cells.jpg"
+    path.write_bytes(b"jpeg bytes")
+    session = FakeSession(response(200, {"ok": True}))
+    SegservClient("http://h:1", model="m", version="2.0", token="t", session=session).predict(
+        path, format="rle", classes=["cell", 2], min_area=5)
+    call = session.calls[0]
+    assert call["method"] == "POST" and call["url"] == "http://h:1/predictions/m/2.0" and "params" not in call
+    assert call["headers"] == {"Authorization": "Bearer t"}
+    assert call["files"] == {"data": ("cells.jpg", b"jpeg bytes", "image/jpeg")}
+    assert call["data"] == {"format": "rle", "classes": "cell,2", "min_area": "5"}
+    SegservClient(token="t", session=session).predict(Image.new("RGB", (4, 3)))
+    name, data, media = session.calls[1]["files"]["data"]
+    assert media == "image/png" and Image.open(io.BytesIO(data)).size == (4, 3)
+
+
+def test_prediction_helpers(tmp_path):
+    mask = Image.fromarray(np.array([[0, 1], [2, 1]], dtype=np.uint8), "L").convert("P")
+    png = encode_image(mask)
+    as_json = Prediction(200, "application/json", json.dumps({"mask": base64.b64encode(png).decode()}).encode())
+    as_png = Prediction(200, "image/png", png)
+    assert np.array_equal(as_json.mask(), as_png.mask()) and as_png.mask().dtype == np.uint8
+    assert as_png.mask().tolist() == [[0, 1], [2, 1]]
+    assert [Prediction(200, t, b"").extension for t in ("application/json; charset=utf-8", "image/jpeg",
+                                                         "application/x-npy", "text/x")] == [".json", ".jpg",
+                                                                                              ".npy", ".bin"]
+    assert as_png.save(tmp_path / "m.png").read_bytes() == png
+    with pytest.raises(ValueError, match="format='png'"):
+        Prediction(200, "image/jpeg", b"").mask()
+
+
+def test_predict_many_keeps_order_and_puts_each_failure_in_its_slot(no_env, tmp_path):
+    class Slow(FakeSession):
+        def request(self, method, url, **kwargs):
+            name = kwargs["files"]["data"][0]
+            time.sleep(0.05 if name == "a.png" else 0)  # finishes last: results must still be in input order
+            if name == "bad.png":
+                return response(400, {"code": 400, "type": "invalid_image", "message": "not an image"})
+            size = {"a.png": 1, "b.png": 2, "c.png": 3}[name]
+            return response(200, png_bytes(size, size), "image/png")
+
+    paths = []
+    for name in ("a.png", "b.png", "bad.png", "c.png"):
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(b"...")
+    paths.insert(3, tmp_path / "missing.png")
+    results = SegservClient(token="t", session=Slow()).predict_many(paths, workers=3, progress=False, format="png")
+    assert [r.mask().shape[0] if isinstance(r, Prediction) else r.type for r in results] == [
+        1, 2, "invalid_image", "unreadable_file", 3]
+
+
+def test_health_needs_ping_and_a_ready_worker(no_env):
+    ping = response(200, {"status": "Healthy"})
+    described = response(200, [{"modelName": "segmenter", "workers": [{"id": "9000", "status": "UNLOADING"}]}])
+    session = FakeSession(ping, described)
+    report = SegservClient("http://h:8080", token="t", management_token="m", session=session).health()
+    assert [c["url"] for c in session.calls] == ["http://h:8080/ping", "http://h:8081/models/segmenter"]
+    assert session.calls[1]["headers"] == {"Authorization": "Bearer m"}
+    assert report["ping"] == {"status": "Healthy"} and report["workers"][0]["status"] == "UNLOADING"
+    assert not report["healthy"]
+    # No management key: the ping alone decides, and the management API is not called.
+    session = FakeSession(ping)
+    assert SegservClient("http://h:8080", token="t", session=session).health()["healthy"]
+    assert len(session.calls) == 1
+    refused = SegservClient(token="t", session=FakeSession(response(400, INVALID_KEY))).health()
+    assert not refused["healthy"] and "refused the inference token" in refused["error"]
 
 
 class Flaky(BaseHTTPRequestHandler):
-    """Answers 503 to the first `failures` requests, then 200 with a tiny PNG."""
+    """A real HTTP server: 503 for the first `failures` requests, then a 3x2 PNG; remembers the last request."""
 
     failures = 2
     calls = 0
+    last: dict = {}
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         type(self).calls += 1
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).last = {"path": self.path, "headers": dict(self.headers), "body": body}
         if type(self).calls <= type(self).failures:
-            body = b'{"code": 503, "type": "ServiceUnavailable", "message": "busy"}'
-            status, ctype = 503, "application/json"
+            payload, status, ctype = b'{"code": 503, "type": "ServiceUnavailable", "message": "busy"}', 503, \
+                "application/json"
         else:
-            body, status, ctype = encode_image(Image.new("P", (3, 2))), 200, "image/png"
+            payload, status, ctype = png_bytes(3, 2), 200, "image/png"
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(payload)
 
     def log_message(self, *args):
         pass
@@ -55,72 +267,89 @@ class Flaky(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def flaky_server():
-    Flaky.calls = 0
-    httpd = HTTPServer(("127.0.0.1", 0), Flaky)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    Flaky.calls, Flaky.failures = 0, 2
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
+    httpd.server_close()
 
 
-def test_retries_on_503_then_succeeds(flaky_server):
+def _form(request: dict) -> dict:
+    """The multipart body's parts, by field name: (filename, content)."""
+    raw = f"Content-Type: {request['headers']['Content-Type']}\r\n\r\n".encode() + request["body"]
+    message = BytesParser(policy=HTTP).parsebytes(raw)
+    return {part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
+            for part in message.iter_parts()}
+
+
+def test_retries_over_real_http_and_sends_a_multipart_form(no_env, flaky_server):
     client = SegservClient(flaky_server, token="t", retries=3, backoff=0.01)
-    prediction = client.predict(b"\x89PNG", format="png")
+    prediction = client.predict(b"\x89PNG...", format="png", classes="nucleus", min_area=3)
     assert Flaky.calls == 3 and prediction.mask().shape == (2, 3)
+    assert Flaky.last["path"] == "/predictions/segmenter" and Flaky.last["headers"]["Authorization"] == "Bearer t"
+    assert _form(Flaky.last) == {"data": ("image", b"\x89PNG..."), "format": (None, b"png"),
+                                 "classes": (None, b"nucleus"), "min_area": (None, b"3")}
 
 
-def test_gives_up_after_retries_with_the_server_message(flaky_server):
-    Flaky.failures = 10
-    try:
-        client = SegservClient(flaky_server, token="t", retries=1, backoff=0.01)
-        with pytest.raises(SegservError) as info:
-            client.predict(b"x")
-        assert info.value.status == 503 and "busy" in info.value.message and Flaky.calls == 2
-    finally:
-        Flaky.failures = 2
+def test_cli_writes_one_file_per_image_and_reports_usage_errors(no_env, flaky_server, capsys):
+    Flaky.failures = 0
+    for folder in ("x", "y"):
+        (no_env / folder).mkdir()
+        (no_env / folder / "same.png").write_bytes(b"img")
+    (no_env / "x" / "notes.txt").write_text("not an image")
+    args = ["--url", flaky_server, "--token", "t", "--no-progress"]
+    assert main(["predict", "x", "y/same.png", *args]) == 0
+    assert sorted(p.name for p in (no_env / "masks").iterdir()) == ["same-2.png", "same.png"]
+    assert "2 of 2 segmented into masks/" in capsys.readouterr().out
+    assert main(["predict", "nowhere.png", *args]) == 2
+    assert "no such file or folder: nowhere.png" in capsys.readouterr().err
+    assert main(["predict", "x", "--format", "gif", *args]) == 2
+    assert main(["predict", "x", "--workers", "0", *args]) == 2
+    assert main([]) == 2
 
 
-def test_connection_refused_is_a_clear_error():
-    client = SegservClient("http://127.0.0.1:9", token="t", retries=1, backoff=0.01)
-    with pytest.raises(SegservError, match="cannot reach"):
-        client.predict(b"x")
-
-
+# -- integration: the real TorchServe -------------------------------------------------------------------
 @pytest.fixture()
 def client(server):
     return SegservClient(server.inference_url, key_file=server.workdir / "key_file.json",
                          management_url=server.management_url)
 
 
+def scene_file(folder, name, seed, size):
+    path = folder / name
+    Image.fromarray(generate_scene(seed, size)[0]).save(path)
+    return path
+
+
 @pytest.mark.integration
-def test_predict_json_and_png(client):
-    image, _ = generate_scene(81, (201, 333))
-    as_png = client.predict(Image.fromarray(image), format="png")
-    as_json = client.predict(Image.fromarray(image))
-    assert as_png.mask().shape == (201, 333)
+def test_predict_json_and_png(client, server):
+    assert client.token == server.keys()["inference"]  # read from the server's own key file
+    image = Image.fromarray(generate_scene(81, (201, 333))[0])
+    as_png = client.predict(image, format="png")
+    as_json = client.predict(image)
+    assert as_png.content_type == "image/png" and as_png.mask().shape == (201, 333)
     assert np.array_equal(as_png.mask(), as_json.mask())
-    assert as_json.json()["width"] == 333
+    assert (as_json.json()["width"], as_json.json()["height"]) == (333, 201)
 
 
 @pytest.mark.integration
 def test_bad_input_raises_with_status(client):
     with pytest.raises(SegservError) as info:
         client.predict(b"definitely not an image")
-    assert info.value.status == 400 and info.value.type == "invalid_image"
+    assert info.value.status == 400 and info.value.type == "invalid_image" and info.value.message
 
 
 @pytest.mark.integration
-def test_predict_many_keeps_order_and_isolates_failures(client, tmp_path):
-    paths = []
-    for i in range(5):
-        path = tmp_path / f"scene{i}.png"
-        Image.fromarray(generate_scene(90 + i, (128, 160))[0]).save(path)
-        paths.append(path)
+def test_predict_many_isolates_a_bad_file(client, tmp_path):
+    paths = [scene_file(tmp_path, f"scene{i}.png", 90 + i, (96, 120)) for i in range(5)]
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    results = client.predict_many(paths[:2] + [bad] + paths[2:], workers=3, progress=False, format="png")
+    paths.insert(2, bad)
+    results = client.predict_many(paths, workers=3, progress=False, format="png")
     assert isinstance(results[2], SegservError) and results[2].status == 400
-    assert all(r.mask().shape == (128, 160) for i, r in enumerate(results) if i != 2)
+    assert all(r.mask().shape == (96, 120) for i, r in enumerate(results) if i != 2)
 
 
 @pytest.mark.integration
@@ -131,21 +360,20 @@ def test_health_reports_ready_workers(client):
 
 
 @pytest.mark.integration
-def test_cli_predict_and_health_end_to_end(server, tmp_path, capsys):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i, size in enumerate([(100, 140), (77, 51)]):
-        Image.fromarray(generate_scene(95 + i, size)[0]).save(inputs / f"img{i}.png")
-    common = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json")]
+def test_cli_end_to_end(server, tmp_path, capsys):
+    img1 = scene_file(tmp_path, "img1.png", 95, (100, 140))
+    img2 = scene_file(tmp_path, "img2.jpg", 96, (77, 51))
+    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json")]
     out = tmp_path / "out"
-    assert main(["predict", str(inputs), "--format", "png", "--out", str(out), "--no-progress", *common]) == 0
-    assert Image.open(out / "img0.png").size == (140, 100)
-    assert Image.open(out / "img1.png").size == (51, 77)
-    assert main(["predict", str(inputs / "img1.png"), "--format", "rle", "--out", str(out), "--no-progress",
-                 *common]) == 0
-    assert json.loads((out / "img1.json").read_text())["classes"][0]["rle"]
-    assert main(["health", *common]) == 0
-    capsys.readouterr()
-    assert main(["predict", str(inputs / "img0.png"), "--out", str(out), "--no-progress", "--url",
-                 server.inference_url, "--token", "wrong", "--retries", "0"]) == 1
-    assert "Token" in capsys.readouterr().err
+    assert main(["predict", str(img1), str(img2), "--format", "png", "--out", str(out), *keys, "--no-progress"]) == 0
+    assert Image.open(out / "img1.png").size == (140, 100)
+    assert Image.open(out / "img2.png").size == (51, 77)
+    assert main(["predict", str(img2), "--format", "rle", "--out", str(out), "--no-progress", *keys]) == 0
+    assert json.loads((out / "img2.json").read_text())["classes"][0]["rle"]
+    assert main(["health", *keys, "--management-url", server.management_url]) == 0
+    assert '"READY"' in capsys.readouterr().out
+    assert main(["predict", str(img1), "--out", str(out), "--no-progress", "--url", server.inference_url,
+                 "--token", "wrong", "--retries", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "InvalidKeyException" in err and "refused the inference token from the token argument" in err
+    assert main(["health", "--url", server.inference_url, "--token", "wrong", "--retries", "0"]) == 1

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from segserve.build import BuildError, build, main, read_state_dict
 from segserve.models import TORCHVISION_ARCHS, build_model
-from segserve.server import TorchServe, free_port
+from segserve.server import TorchServe, free_ports
 
 CLASSES = ["background", "road", "car"]
 SMALL = [64, 64]
@@ -58,7 +58,7 @@ def test_checkpoint_shapes_are_unwrapped(tmp_path, wrap):
     state = unet_state()
     path = tmp_path / ("w.safetensors" if wrap == "safetensors" else "w.pt")
     if wrap == "safetensors":
-        save_file(state, str(path))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3}, "model": {"model": state},
                "dataparallel": {f"module.{k}": v for k, v in state.items()}}[wrap]
@@ -149,7 +149,7 @@ def zoo(tmp_path_factory):
     build("segmenter", MODEL_CONFIG, default_weights, store, version="1.0", archive_name="segmenter-1.0")
     build("segmenter", MODEL_CONFIG, default_weights, store, version="2.0", archive_name="segmenter-2.0")
     ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports={"inference": free_port(), "management": free_port(), "metrics": free_port()},
+                    ports=free_ports("inference", "management", "metrics"),
                     models=tuple(sorted(p.name for p in store.glob("*.mar"))))
     ts.start()
     try:

@@ -8,7 +8,7 @@ from conftest import REPO
 
 from segserve.build import build
 from segserve.config import ServingConfig
-from segserve.server import ServerError, TorchServe, free_port
+from segserve.server import ServerError, TorchServe, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def test_broken_archive_fails_fast_with_the_worker_error(tmp_path):
                 data = yaml.safe_dump(doc).encode()
             dst.writestr(item, data)
     ts = TorchServe(workdir=tmp_path / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports={"inference": free_port(), "management": free_port(), "metrics": free_port()},
+                    ports=free_ports("inference", "management", "metrics"),
                     models=("segmenter=broken.mar",))
     ts.start()
     try:

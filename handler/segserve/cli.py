@@ -1,7 +1,9 @@
-"""`segserve`: segment images with a running server, or check its health.
+"""`segserve`: segment images with a running segserve server, or check its health.
 
     segserve predict cells/*.png --format png --out masks/
     segserve health
+
+Exit codes: 0 all done / healthy, 1 some image failed / not healthy, 2 usage error.
 """
 
 from __future__ import annotations
@@ -17,26 +19,54 @@ from .options import FORMATS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
 
+class UsageError(Exception):
+    """The command line names something that cannot work; exit 2 with the message."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="inference API (default: $SEGSERVE_URL or http://127.0.0.1:8080)")
-    parser.add_argument("--model", default="segmenter")
+    parser.add_argument("--model", default="segmenter", help="model name (default: segmenter)")
     parser.add_argument("--version", default=None, help="model version (default: the server's default)")
-    parser.add_argument("--token", default=None, help="inference key (default: $SEGSERVE_TOKEN or the key file)")
+    parser.add_argument("--token", default=None, help="inference key (default: $SEGSERVE_TOKEN, else the key file)")
     parser.add_argument("--key-file", default=None,
-                        help="TorchServe key_file.json (default: $SEGSERVE_KEY_FILE, ./run/key_file.json)")
-    parser.add_argument("--retries", type=int, default=4, help="retries on 503/507 and connection errors")
-    parser.add_argument("--timeout", type=float, default=120, help="seconds per request")
+                        help="TorchServe key_file.json (default: $SEGSERVE_KEY_FILE, ./run/key_file.json, "
+                             "./key_file.json)")
+    parser.add_argument("--retries", type=int, default=4, help="retries on 503/507 and connection errors (4)")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per request (120)")
 
 
 def _inputs(paths: list[str]) -> list[Path]:
+    """The files named, and the images inside the folders named (sorted); a missing path is a usage error."""
     found: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+            found += inside
+        elif path.is_file():
             found.append(path)
+        else:
+            raise UsageError(f"no such file or folder: {path}")
     return found
+
+
+def _output_names(images: list[Path]) -> list[str]:
+    """`<stem>` per input; inputs sharing a stem (a/x.png, b/x.jpg) get -2, -3, ... so none overwrites another."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in images:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
+    return names
 
 
 def _client(args: argparse.Namespace, **extra) -> SegservClient:
@@ -46,56 +76,66 @@ def _client(args: argparse.Namespace, **extra) -> SegservClient:
 
 def predict(args: argparse.Namespace) -> int:
     images = _inputs(args.images)
-    if not images:
-        print("segserve predict: no images found", file=sys.stderr)
-        return 2
     client = _client(args)
     results = client.predict_many(images, workers=args.workers, progress=not args.no_progress,
                                   format=args.format, classes=args.classes, min_area=args.min_area)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path, result in zip(images, results, strict=True):
+    failures = []
+    for path, name, result in zip(images, _output_names(images), results, strict=True):
         if isinstance(result, SegservError):
-            failed += 1
-            print(f"FAILED {path}: {result}", file=sys.stderr)
+            failures.append(f"  {path}: {result}")
         else:
-            result.save(out / f"{path.stem}{result.extension}")
-    print(f"{len(images) - failed} of {len(images)} segmented into {out}/" + (f"; {failed} failed" if failed else ""))
-    return 1 if failed else 0
+            result.save(out / f"{name}{result.extension}")
+    ok = len(images) - len(failures)
+    print(f"{ok} of {len(images)} segmented into {out}/" + (f"; {len(failures)} failed:" if failures else ""))
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+    return 1 if failures else 0
 
 
 def health(args: argparse.Namespace) -> int:
-    client = _client(args, management_url=args.management_url)
-    report = client.health()
+    report = _client(args, management_url=args.management_url).health()
     print(json.dumps(report, indent=2))
+    if not report["healthy"]:
+        reason = report.get("error") or report.get("workers_error") or "no READY worker"
+        print(f"segserve health: not healthy: {reason}", file=sys.stderr)
     return 0 if report["healthy"] else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segserve", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="segserve", description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="Exit codes: 0 success, 1 an image failed / not healthy, 2 usage error.")
+    commands = root.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("predict", help="segment images; one output file per image")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--format", default="png", choices=list(FORMATS))
+    p.add_argument("images", nargs="+", help="image files or folders (their images, sorted)")
+    p.add_argument("--format", default="png", choices=list(FORMATS), help="what to write per image (png)")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids to return")
     p.add_argument("--min-area", type=int, default=None, help="drop regions smaller than this (rle, polygons)")
     p.add_argument("--out", default="masks", help="output folder (default: ./masks)")
-    p.add_argument("--workers", type=int, default=4, help="requests in flight")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=_positive, default=4, help="requests in flight (4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _connection_args(p)
     p.set_defaults(run=predict)
 
     h = commands.add_parser("health", help="is the server up and the model's workers ready?")
-    h.add_argument("--management-url", default=None, help="management API (default: inference port + 1)")
+    h.add_argument("--management-url", default=None,
+                   help="management API, to list workers (default: $SEGSERVE_MANAGEMENT_URL; :8081 for :8080)")
     _connection_args(h)
     h.set_defaults(run=health)
+    return root
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2); return that as the status
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (UsageError, FileNotFoundError, ValueError) as exc:
         print(f"segserve {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -28,9 +28,22 @@ class ServerError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports()["0"]
+
+
+def free_ports(*names: str) -> dict[str, int]:
+    """Distinct free loopback ports, held together while chosen so none is handed out twice."""
+    names = names or ("0",)
+    sockets = []
+    try:
+        for _ in names:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return {name: sock.getsockname()[1] for name, sock in zip(names, sockets, strict=True)}
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def java_environment() -> dict[str, str]:
@@ -158,9 +171,11 @@ class TorchServe:
         """Block until `model` has `workers` READY workers; raise with the worker log's tail if not."""
         deadline = time.monotonic() + timeout
         last = "no answer yet"
+        log = self.log_dir / "model_log.log"
+        start = log.stat().st_size if log.is_file() else 0
         while time.monotonic() < deadline:
             self._check_alive()
-            self._check_load_failures(model)
+            self._check_load_failures(model, start)
             try:
                 response = requests.get(f"{self.management_url}/models/{model}",
                                         headers=self.headers("management"), timeout=5)
@@ -178,13 +193,18 @@ class TorchServe:
         raise ServerError(f"model {model!r} was not ready after {timeout:.0f}s ({last}).\n"
                           f"Worker log ({self.log_dir / 'model_log.log'}):\n{self.log_tail('model_log.log')}")
 
-    def _check_load_failures(self, model: str) -> None:
-        """A worker that dies while loading is retried forever by TorchServe; say so at once instead."""
+    def _check_load_failures(self, model: str, start: int = 0) -> None:
+        """A worker that dies while loading is retried forever by TorchServe; say so at once instead.
+
+        Only log lines written since the wait began count, and only tracebacks through the
+        handler's initialize (a request's logged error is no load failure)."""
         log = self.log_dir / "model_log.log"
         if not log.is_file():
             return
-        text = log.read_text(errors="replace")
-        if "Traceback (most recent call last)" in text and "Torch worker started" in text:
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        if "Traceback (most recent call last)" in text and "in initialize" in text:
             raise ServerError(f"a worker of {model!r} failed while loading the model (TorchServe will keep "
                               f"restarting it).\nWorker log ({log}):\n{self.log_tail('model_log.log', 40)}")
 
