@@ -47,7 +47,7 @@ def server(tmp_path_factory):
     store = root / "model-store"
     build(MODEL, MODEL_CONFIG, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
     ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics"),
+                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
                     models=(f"{MODEL}={MODEL}.mar",))
     ts.start()
     try:

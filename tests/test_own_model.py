@@ -149,7 +149,7 @@ def zoo(tmp_path_factory):
     build("segmenter", MODEL_CONFIG, default_weights, store, version="1.0", archive_name="segmenter-1.0")
     build("segmenter", MODEL_CONFIG, default_weights, store, version="2.0", archive_name="segmenter-2.0")
     ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics"),
+                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
                     models=tuple(sorted(p.name for p in store.glob("*.mar"))))
     ts.start()
     try:

@@ -28,7 +28,7 @@ def test_broken_archive_fails_fast_with_the_worker_error(tmp_path):
                 data = yaml.safe_dump(doc).encode()
             dst.writestr(item, data)
     ts = TorchServe(workdir=tmp_path / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics"),
+                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
                     models=("segmenter=broken.mar",))
     ts.start()
     try:

@@ -108,6 +108,10 @@ class TorchServe:
             "metrics_address": self.metrics_url,
             "model_store": str(self.model_store.resolve()),
         }
+        # TorchServe also opens gRPC (7070/7071 by default): servers side by side need their own.
+        for api in ("inference", "management"):
+            if f"grpc_{api}" in self.ports:
+                overrides[f"grpc_{api}_port"] = str(self.ports[f"grpc_{api}"])
         if self.models:
             overrides["load_models"] = ",".join(self.models)
         overrides.update(dict(self.extra_properties))
