@@ -20,7 +20,8 @@ from pathlib import Path
 
 import requests
 
-DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
+                 "grpc_inference": 7070, "grpc_management": 7071}
 
 
 class ServerError(RuntimeError):
