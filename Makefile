@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 MAR := model-store/segmenter.mar
 WEIGHTS := model/segmenter.safetensors
 PYTEST_ARGS ?=
+# Options for bench/run.py, e.g. make bench BENCH_ARGS="--workloads lraspp --concurrency 1,8"
+BENCH_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures clean
+.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench clean
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -22,6 +24,7 @@ help:
 	@echo "make train      retrain the default model into $(WEIGHTS) (~10 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png"
+	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (~10 min)"
 	@echo "make lint       ruff;  make fixup: ruff --fix + format"
 
 install: $(STAMP)
@@ -58,6 +61,9 @@ evaluate: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) scripts/make_figures.py
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -46,6 +46,8 @@ class ServingConfig:
     arch_params: dict[str, Any] = field(default_factory=dict)
     limits: Limits = Limits()
     threads: int = 0
+    # Run the model on channels-last tensors (NHWC): oneDNN's and cuDNN's fast convolution layout.
+    channels_last: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -111,7 +113,14 @@ class ServingConfig:
                                                  "handler.limits.max_response_bytes"),
             ),
             threads=int(runtime.get("threads", 0) or 0),
+            channels_last=_bool(runtime.get("channels_last", True), "handler.runtime.channels_last"),
         )
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _section(doc: dict, key: str) -> dict:

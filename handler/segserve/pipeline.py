@@ -93,6 +93,8 @@ class Segmenter:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         model = load_model(config, model_dir / config.weights, device=device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         segmenter = cls(config, model, device)
         if warm_up:
             segmenter.warm_up()
@@ -109,8 +111,11 @@ class Segmenter:
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            output = self.model(batch.to(self.device, non_blocking=True))
+            output = self.model(batch)
             if isinstance(output, dict):  # torchvision segmentation models return {"out": ..., "aux": ...}
                 output = output["out"]
             return output

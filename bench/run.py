@@ -1,0 +1,441 @@
+"""`make bench`: raw in-process pipeline vs segserve over HTTP vs TorchServe's stock image_segmenter.
+
+One run, same images, same concurrency levels; ratios are taken within the run, so they hold on the
+machine that ran them. Results: bench/results/<name>.json and .png, and a table on stdout.
+
+    python bench/run.py                       # CPU, default model + lraspp_mobilenet_v3_large
+    python bench/run.py --quick               # a smoke run (a few requests per level)
+    python bench/run.py --workloads lraspp --concurrency 1,4,16 --requests 64
+
+Contenders:
+  raw       the served archive's own model and config, `Segmenter.handle_batch` called in a loop in this
+            process with batches of min(clients, batchSize): the same decode/forward/encode, no HTTP
+  segserve  TorchServe + our handler, PNG masks (`Accept: image/png`), N concurrent HTTP clients
+  stock     TorchServe's built-in `image_segmenter` handler on the same architecture and weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "handler"))
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench.photos import photo_jpeg  # noqa: E402
+from segserve.build import build  # noqa: E402
+from segserve.config import ServingConfig  # noqa: E402
+from segserve.pipeline import Request, Segmenter  # noqa: E402
+from segserve.server import TorchServe, free_ports  # noqa: E402
+from segserve.synthetic import generate_scene  # noqa: E402
+
+MODEL_CONFIG = REPO / "model" / "model-config.yaml"
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+STOCK_MODEL_FILE = '''
+import torch
+from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+from torchvision.models.segmentation.lraspp import LRASPP
+
+
+class StockLRASPP(LRASPP):
+    """torchvision's LR-ASPP, 21 classes: TorchServe's model-file recipe needs a no-argument class."""
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
+        self.__dict__.update(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21).__dict__)
+'''
+
+
+@dataclass
+class Workload:
+    """One model and the images it is benchmarked on."""
+
+    name: str
+    images: list[bytes]
+    content_type: str
+    archive: Path
+    stock_archive: Path | None = None
+    description: str = ""
+
+
+@dataclass
+class Result:
+    workload: str
+    contender: str
+    concurrency: int
+    requests: int
+    seconds: float
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    response_bytes: float
+    worker_rss_mb: float | None
+    errors: int = 0
+    notes: dict = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def summarize(workload: str, contender: str, concurrency: int, latencies: list[float], seconds: float,
+              sizes: list[int], rss: float | None, errors: int) -> Result:
+    ms = [s * 1000 for s in latencies]
+    return Result(workload, contender, concurrency, len(latencies), seconds, len(latencies) / seconds,
+                  percentile(ms, 50), percentile(ms, 95), percentile(ms, 99),
+                  statistics.fmean(sizes) if sizes else 0.0, rss, errors)
+
+
+# -- the workloads ------------------------------------------------------------------------------
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def default_workload(store: Path, count: int) -> Workload:
+    config = ServingConfig.from_yaml(MODEL_CONFIG)
+    archive = build("segmenter", MODEL_CONFIG, REPO / "model" / config.weights, store)
+    images = [png_bytes(generate_scene(5_000_000 + i, (384, 512))[0]) for i in range(count)]
+    return Workload("segmenter", images, "image/png", archive,
+                    description="default U-Net (256 px input), generated 512x384 microscopy scenes, PNG")
+
+
+def lraspp_workload(store: Path, work: Path, count: int, size: int) -> Workload:
+    torch.manual_seed(0)
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES)).eval()
+    weights = work / "lraspp.pt"
+    torch.save(model.state_dict(), weights)
+    archive = build("lraspp", MODEL_CONFIG, weights, store, arch="lraspp_mobilenet_v3_large",
+                    classes=VOC_CLASSES, input_size=[size, size])
+    images = [photo_jpeg(seed) for seed in range(count)]
+    return Workload("lraspp", images, "image/jpeg", archive, stock_archive=stock_archive(store, work, weights),
+                    description=f"lraspp_mobilenet_v3_large (21 classes, {size} px input), 1280x960 JPEG photos")
+
+
+def stock_archive(store: Path, work: Path, weights: Path) -> Path:
+    """TorchServe's own recipe: --model-file + --serialized-file + --handler image_segmenter."""
+    from model_archiver.model_packaging import generate_model_archive
+
+    model_file = work / "stock_model.py"
+    model_file.write_text(STOCK_MODEL_FILE)
+    # Same workers, batching and timeouts as ours (TorchServe's keys, before `handler:`): only the handler differs.
+    config = work / "stock-config.yaml"
+    ours = MODEL_CONFIG.read_text().split("\nhandler:")[0]
+    config.write_text(ours)
+    argv = ["torch-model-archiver", "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
+            "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
+            "--config-file", str(config), "--force"]
+    saved, sys.argv = sys.argv, argv
+    try:
+        generate_model_archive()
+    finally:
+        sys.argv = saved
+    return store / "stock.mar"
+
+
+# -- contenders ---------------------------------------------------------------------------------
+def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept: str = "image/png") -> Result:
+    """The ceiling: the archive's model and code in this process, batches as TorchServe would form them."""
+    segmenter = load_raw(workload, work)
+    batch_size = min(concurrency, BATCH_SIZE)
+    headers = {"Accept": accept, "body": {"content-type": workload.content_type}}
+    requests_ = [Request(inputs={"body": workload.images[i % len(workload.images)]}, headers=headers)
+                 for i in range(count)]
+    segmenter.handle_batch(requests_[:batch_size])  # warm-up
+    latencies, sizes, errors = [], [], 0
+    started = time.perf_counter()
+    for start in range(0, count, batch_size):
+        batch_started = time.perf_counter()
+        responses = segmenter.handle_batch(requests_[start:start + batch_size])
+        elapsed = time.perf_counter() - batch_started
+        for response in responses:
+            latencies.append(elapsed)
+            sizes.append(len(response.body))
+            errors += response.status != 200
+    seconds = time.perf_counter() - started
+    rss = psutil.Process().memory_info().rss / 2**20
+    return summarize(workload.name, "raw", concurrency, latencies, seconds, sizes, rss, errors)
+
+
+_RAW: dict[str, Segmenter] = {}
+BATCH_SIZE = 8
+
+
+def load_raw(workload: Workload, work: Path) -> Segmenter:
+    if workload.name not in _RAW:
+        target = work / f"raw-{workload.name}"
+        with zipfile.ZipFile(workload.archive) as archive:
+            archive.extractall(target)
+        _RAW[workload.name] = Segmenter.from_model_dir(target)
+    return _RAW[workload.name]
+
+
+class WorkerMemory:
+    """Peak RSS of TorchServe's Python workers, sampled every 50 ms while a level runs."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _workers(self) -> list[psutil.Process]:
+        try:
+            children = psutil.Process(self.server_pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [p for p in children if "model_service_worker" in " ".join(p.cmdline())]
+
+    def _sample(self) -> None:
+        workers = self._workers()
+        while not self._stop.is_set():
+            for worker in workers:
+                try:
+                    self.peak = max(self.peak, worker.memory_info().rss / 2**20)
+                except psutil.NoSuchProcess:
+                    pass
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_http(server: TorchServe, model: str, workload: Workload, contender: str, concurrency: int,
+             count: int, headers: dict[str, str]) -> Result:
+    url = f"{server.inference_url}/predictions/{model}"
+    headers = {**server.headers("inference"), "Content-Type": workload.content_type, **headers}
+    local = threading.local()
+
+    def one(index: int) -> tuple[float, int, int]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        started = time.perf_counter()
+        response = session.post(url, data=workload.images[index % len(workload.images)], headers=headers,
+                                timeout=300)
+        return time.perf_counter() - started, len(response.content), response.status_code
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(concurrency * 2)))  # warm-up: connections, worker caches
+        pid = int(server.pid_file.read_text().strip()) if server.pid_file.is_file() else os.getpid()
+        with WorkerMemory(pid) as memory:
+            started = time.perf_counter()
+            answers = list(pool.map(one, range(count)))
+            seconds = time.perf_counter() - started
+    errors = sum(status != 200 for _, _, status in answers)
+    return summarize(workload.name, contender, concurrency, [a[0] for a in answers], seconds,
+                     [a[1] for a in answers], memory.peak or None, errors)
+
+
+def start_server(work: Path, store: Path, models: tuple[str, ...]) -> TorchServe:
+    server = TorchServe(workdir=work / "run", model_store=store, base_config=REPO / "config.properties",
+                        ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
+                        models=models)
+    server.start()
+    for model in server.registered_models():
+        server.wait_ready(model, timeout=300)
+    return server
+
+
+# -- report -------------------------------------------------------------------------------------
+def table(results: list[Result]) -> str:
+    lines = [f"{'workload':<10} {'contender':<9} {'clients':>7} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} "
+             f"{'p99 ms':>8} {'resp kB':>9} {'worker MB':>9} {'errors':>6}"]
+    for r in results:
+        rss = f"{r.worker_rss_mb:9.0f}" if r.worker_rss_mb else f"{'-':>9}"
+        lines.append(f"{r.workload:<10} {r.contender:<9} {r.concurrency:>7} {r.images_per_s:7.2f} {r.p50_ms:8.1f} "
+                     f"{r.p95_ms:8.1f} {r.p99_ms:8.1f} {r.response_bytes / 1000:9.1f} {rss} {r.errors:>6}")
+    return "\n".join(lines)
+
+
+def ratios(results: list[Result]) -> list[dict]:
+    """segserve against raw and stock, level by level, within this run."""
+    index = {(r.workload, r.contender, r.concurrency): r for r in results}
+    rows = []
+    for r in results:
+        if r.contender != "segserve":
+            continue
+        raw = index.get((r.workload, "raw", r.concurrency))
+        raw1 = index.get((r.workload, "raw", 1))
+        stock = index.get((r.workload, "stock", r.concurrency))
+        rows.append({
+            "workload": r.workload, "concurrency": r.concurrency,
+            "throughput_vs_raw": r.images_per_s / raw.images_per_s if raw else None,
+            "throughput_vs_stock": r.images_per_s / stock.images_per_s if stock else None,
+            "bytes_vs_stock": r.response_bytes / stock.response_bytes if stock else None,
+            "p50_vs_raw_single": r.p50_ms / raw1.p50_ms if raw1 and r.concurrency == 1 else None,
+        })
+    return rows
+
+
+def ratio_table(rows: list[dict]) -> str:
+    def fmt(value, pct=False):
+        if value is None:
+            return f"{'-':>10}"
+        return f"{value * 100:9.2f}%" if pct else f"{value:9.2f}x"
+
+    lines = [f"{'workload':<10} {'clients':>7} {'vs raw':>10} {'vs stock':>10} {'bytes/stock':>11} "
+             f"{'p50/raw(1)':>10}"]
+    for row in rows:
+        lines.append(f"{row['workload']:<10} {row['concurrency']:>7} {fmt(row['throughput_vs_raw'])} "
+                     f"{fmt(row['throughput_vs_stock'])} {fmt(row['bytes_vs_stock'], pct=True):>11} "
+                     f"{fmt(row['p50_vs_raw_single'])}")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r.workload for r in results})
+    fig, axes = plt.subplots(2, len(workloads), figsize=(5.5 * len(workloads), 7), squeeze=False)
+    for column, workload in enumerate(workloads):
+        for contender, style in (("raw", "k--"), ("segserve", "g-o"), ("stock", "r-s")):
+            rows = sorted((r for r in results if r.workload == workload and r.contender == contender),
+                          key=lambda r: r.concurrency)
+            if not rows:
+                continue
+            clients = [r.concurrency for r in rows]
+            axes[0][column].plot(clients, [r.images_per_s for r in rows], style, label=contender)
+            axes[1][column].plot(clients, [r.p50_ms for r in rows], style, label=f"{contender} p50")
+        axes[0][column].set_title(workload)
+        axes[0][column].set_ylabel("images/s")
+        axes[1][column].set_ylabel("p50 latency (ms)")
+        axes[1][column].set_xlabel("concurrent clients")
+        for ax in axes[:, column]:
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# -- main -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="segmenter,lraspp", help="segmenter, lraspp (comma-separated)")
+    parser.add_argument("--contenders", default="raw,segserve,stock")
+    parser.add_argument("--concurrency", default=None, help="client counts, comma-separated (default 1,4,16)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per level (default 48)")
+    parser.add_argument("--images", type=int, default=8, help="distinct images per workload")
+    parser.add_argument("--lraspp-size", type=int, default=520, help="LR-ASPP input size (px)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 images, 6 requests per level, clients 1,4")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
+    parser.add_argument("--name", default="cpu", help="results file stem (default: cpu)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images = 2
+    args.requests = args.requests or (6 if args.quick else 48)
+    args.concurrency = args.concurrency or ("1,4" if args.quick else "1,4,16")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    contenders = args.contenders.split(",")
+    names = args.workloads.split(",")
+    unknown = set(names) - {"segmenter", "lraspp"} | set(contenders) - {"raw", "segserve", "stock"}
+    if unknown:
+        parser.error(f"unknown workload or contender: {', '.join(sorted(unknown))}")
+
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
+        work = Path(tmp)
+        store = work / "model-store"
+        print("building archives ...", flush=True)
+        workloads = []
+        if "segmenter" in names:
+            workloads.append(default_workload(store, args.images))
+        if "lraspp" in names:
+            workloads.append(lraspp_workload(store, work, args.images, args.lraspp_size))
+        plan = [(w, c, level) for w in workloads for c in contenders for level in levels
+                if c != "stock" or w.stock_archive]
+        bar = tqdm(total=len(plan), desc="benchmark", unit="level")
+        servers: dict[str, TorchServe] = {}
+        try:
+            for workload in workloads:
+                for contender in contenders:
+                    if contender == "stock" and not workload.stock_archive:
+                        continue
+                    server = None
+                    if contender != "raw":
+                        # One server at a time: contenders never share the CPU with each other.
+                        model = "stock" if contender == "stock" else workload.name
+                        archive = workload.stock_archive if contender == "stock" else workload.archive
+                        bar.set_description(f"starting TorchServe ({model})")
+                        server = servers[model] = start_server(work / model, store, (f"{model}={archive.name}",))
+                    for level in levels:
+                        bar.set_description(f"{workload.name} {contender} x{level}")
+                        if contender == "raw":
+                            result = run_raw(workload, work, level, args.requests)
+                        else:
+                            headers = {} if contender == "stock" else {"Accept": "image/png"}
+                            result = run_http(server, model, workload, contender, level, args.requests, headers)
+                        results.append(result)
+                        bar.update()
+                    if server:
+                        server.stop()
+                        servers.pop(model)
+                _RAW.pop(workload.name, None)
+        finally:
+            bar.close()
+            for server in servers.values():
+                server.stop()
+
+    rows = ratios(results)
+    print()
+    for workload in workloads:
+        print(f"{workload.name}: {workload.description}")
+    print(table(results))
+    print()
+    print("segserve, as a ratio within this run:")
+    print(ratio_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+              "workloads": {w.name: w.description for w in workloads},
+              "results": [asdict(r) for r in results], "ratios": rows}
+    json_path = args.out / f"{args.name}.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    plot(results, args.out / f"{args.name}.png")
+    print(f"\nwrote {json_path} and {args.out / (args.name + '.png')}")
+    failed = sum(r.errors for r in results if r.contender != "stock")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The speed levers give the reference path's masks: channels-last logits upsampling, channels-last model.
+
+Agreement, not timing: `make bench` measures the speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+from PIL import Image
+
+from segserve.pipeline import Segmenter
+from segserve.synthetic import generate_scene
+from segserve.transforms import logits_to_mask, reference_mask
+
+
+@pytest.mark.parametrize("classes, low, size", [
+    (3, (256, 256), (384, 512)),     # the default model, a 512x384 image
+    (21, (65, 65), (960, 1280)),     # a VOC model's stride-8 logits, a 1280x960 photo
+    (21, (520, 520), (375, 500)),    # torchvision's full-size logits, shrunk
+    (4, (7, 9), (100, 37)),          # odd sizes, upsampling one way and shrinking the other
+    (2, (32, 48), (32, 48)),         # already at size: argmax only
+])
+def test_mask_equals_upsample_then_argmax(classes, low, size):
+    torch.manual_seed(classes)
+    # Smooth logits like a real model's, plus noise so that near-ties happen.
+    logits = F.interpolate(torch.randn(1, classes, low[0] // 4 + 2, low[1] // 4 + 2) * 4, size=low,
+                           mode="bicubic")[0] + 0.01 * torch.randn(classes, *low)
+    fast, reference = logits_to_mask(logits, *size), reference_mask(logits, *size)
+    assert fast.shape == size and fast.dtype == np.uint8
+    assert (fast == reference).mean() >= 0.9999
+
+
+def test_channels_last_model_gives_the_same_masks(config):
+    planar = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, channels_last=False),
+                                      warm_up=False)
+    nhwc = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, channels_last=True),
+                                    warm_up=False)
+    images = [Image.fromarray(generate_scene(900 + i, (384, 512))[0]) for i in range(3)]
+    for a, b in zip(planar.predict(images), nhwc.predict(images), strict=True):
+        assert (a == b).mean() >= 0.995
+    kernel = next(p for p in nhwc.model.parameters() if p.dim() == 4)
+    assert kernel.is_contiguous(memory_format=torch.channels_last)
