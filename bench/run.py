@@ -116,29 +116,45 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def default_workload(store: Path, count: int) -> Workload:
-    config = ServingConfig.from_yaml(MODEL_CONFIG)
-    archive = build("segmenter", MODEL_CONFIG, REPO / "model" / config.weights, store)
+def tuned_config(work: Path, overrides: dict) -> Path:
+    """model/model-config.yaml with TorchServe's worker/batching keys and handler.runtime overridden."""
+    import yaml
+
+    doc = yaml.safe_load(MODEL_CONFIG.read_text())
+    for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay"):
+        if overrides.get(key) is not None:
+            doc[key] = overrides[key]
+    if overrides.get("threads") is not None:
+        doc["handler"].setdefault("runtime", {})["threads"] = overrides["threads"]
+    path = work / "model-config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def default_workload(store: Path, config_path: Path, count: int) -> Workload:
+    config = ServingConfig.from_yaml(config_path)
+    archive = build("segmenter", config_path, REPO / "model" / config.weights, store)
     images = [png_bytes(generate_scene(5_000_000 + i, (384, 512))[0]) for i in range(count)]
     return Workload("segmenter", images, "image/png", archive,
                     description="default U-Net (256 px input), generated 512x384 microscopy scenes, PNG")
 
 
-def lraspp_workload(store: Path, work: Path, count: int, size: int) -> Workload:
+def lraspp_workload(store: Path, work: Path, config_path: Path, count: int, size: int) -> Workload:
     torch.manual_seed(0)
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
     model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES)).eval()
     weights = work / "lraspp.pt"
     torch.save(model.state_dict(), weights)
-    archive = build("lraspp", MODEL_CONFIG, weights, store, arch="lraspp_mobilenet_v3_large",
+    archive = build("lraspp", config_path, weights, store, arch="lraspp_mobilenet_v3_large",
                     classes=VOC_CLASSES, input_size=[size, size])
     images = [photo_jpeg(seed) for seed in range(count)]
-    return Workload("lraspp", images, "image/jpeg", archive, stock_archive=stock_archive(store, work, weights),
+    return Workload("lraspp", images, "image/jpeg", archive,
+                    stock_archive=stock_archive(store, work, config_path, weights),
                     description=f"lraspp_mobilenet_v3_large (21 classes, {size} px input), 1280x960 JPEG photos")
 
 
-def stock_archive(store: Path, work: Path, weights: Path) -> Path:
+def stock_archive(store: Path, work: Path, config_path: Path, weights: Path) -> Path:
     """TorchServe's own recipe: --model-file + --serialized-file + --handler image_segmenter."""
     from model_archiver.model_packaging import generate_model_archive
 
@@ -146,7 +162,7 @@ def stock_archive(store: Path, work: Path, weights: Path) -> Path:
     model_file.write_text(STOCK_MODEL_FILE)
     # Same workers, batching and timeouts as ours (TorchServe's keys, before `handler:`): only the handler differs.
     config = work / "stock-config.yaml"
-    ours = MODEL_CONFIG.read_text().split("\nhandler:")[0]
+    ours = config_path.read_text().split("\nhandler:")[0]
     config.write_text(ours)
     argv = ["torch-model-archiver", "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
             "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
@@ -162,8 +178,8 @@ def stock_archive(store: Path, work: Path, weights: Path) -> Path:
 # -- contenders ---------------------------------------------------------------------------------
 def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept: str = "image/png") -> Result:
     """The ceiling: the archive's model and code in this process, batches as TorchServe would form them."""
-    segmenter = load_raw(workload, work)
-    batch_size = min(concurrency, BATCH_SIZE)
+    segmenter, served_batch = load_raw(workload, work)
+    batch_size = min(concurrency, served_batch)
     headers = {"Accept": accept, "body": {"content-type": workload.content_type}}
     requests_ = [Request(inputs={"body": workload.images[i % len(workload.images)]}, headers=headers)
                  for i in range(count)]
@@ -183,16 +199,22 @@ def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept
     return summarize(workload.name, "raw", concurrency, latencies, seconds, sizes, rss, errors)
 
 
-_RAW: dict[str, Segmenter] = {}
-BATCH_SIZE = 8
+_RAW: dict[str, tuple[Segmenter, int]] = {}
+DEFAULT_THREADS = torch.get_num_threads()
 
 
-def load_raw(workload: Workload, work: Path) -> Segmenter:
+def load_raw(workload: Workload, work: Path) -> tuple[Segmenter, int]:
+    """The archive's own model and config, and the batch size TorchServe would use for it."""
+    import yaml
+
     if workload.name not in _RAW:
         target = work / f"raw-{workload.name}"
         with zipfile.ZipFile(workload.archive) as archive:
             archive.extractall(target)
-        _RAW[workload.name] = Segmenter.from_model_dir(target)
+        batch_size = int(yaml.safe_load((target / "model-config.yaml").read_text()).get("batchSize", 1))
+        _RAW[workload.name] = Segmenter.from_model_dir(target), batch_size
+        # The ceiling is one process using every core, whatever a served worker is tuned to.
+        torch.set_num_threads(DEFAULT_THREADS)
     return _RAW[workload.name]
 
 
@@ -359,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8, help="distinct images per workload")
     parser.add_argument("--lraspp-size", type=int, default=520, help="LR-ASPP input size (px)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 images, 6 requests per level, clients 1,4")
+    parser.add_argument("--workers", type=int, default=None, help="TorchServe workers (default: model-config's)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (0 = torch's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="TorchServe batchSize (default: model-config's)")
+    parser.add_argument("--batch-delay", type=int, default=None, help="TorchServe maxBatchDelay ms")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     parser.add_argument("--name", default="cpu", help="results file stem (default: cpu)")
     args = parser.parse_args(argv)
@@ -378,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         store = work / "model-store"
         print("building archives ...", flush=True)
+        config_path = tuned_config(work, {"minWorkers": args.workers, "maxWorkers": args.workers,
+                                          "batchSize": args.batch_size, "maxBatchDelay": args.batch_delay,
+                                          "threads": args.threads})
         workloads = []
         if "segmenter" in names:
-            workloads.append(default_workload(store, args.images))
+            workloads.append(default_workload(store, config_path, args.images))
         if "lraspp" in names:
-            workloads.append(lraspp_workload(store, work, args.images, args.lraspp_size))
+            workloads.append(lraspp_workload(store, work, config_path, args.images, args.lraspp_size))
         plan = [(w, c, level) for w in workloads for c in contenders for level in levels
                 if c != "stock" or w.stock_archive]
         bar = tqdm(total=len(plan), desc="benchmark", unit="level")

@@ -46,3 +46,39 @@ def test_channels_last_model_gives_the_same_masks(config):
         assert (a == b).mean() >= 0.995
     kernel = next(p for p in nhwc.model.parameters() if p.dim() == 4)
     assert kernel.is_contiguous(memory_format=torch.channels_last)
+
+
+def jpeg(image: Image.Image, **params) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92, **params)
+    return buffer.getvalue()
+
+
+def test_draft_decoding_reduces_a_large_jpeg_but_never_below_the_model_input(config):
+    from segserve.decode import decode_for_model, decode_image
+
+    scene = Image.fromarray(generate_scene(7, (768, 1024))[0])
+    image, width, height = decode_for_model(jpeg(scene), config.limits, (256, 256))
+    assert (width, height) == (1024, 768)
+    assert image.size == (512, 384)  # libjpeg's 1/2 scale: 1/4 would be 192 px high, under 256
+    assert decode_for_model(jpeg(scene), config.limits, (520, 520))[0].size == (1024, 768)
+    assert decode_image(jpeg(scene), config.limits).size == (1024, 768)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the full size is reported upright
+    image, width, height = decode_for_model(jpeg(scene, exif=exif), config.limits, (256, 256))
+    assert (width, height) == (768, 1024) and image.size == (384, 512)
+
+
+def test_draft_decoded_masks_agree_with_full_decoding(config):
+    from segserve.pipeline import Request
+
+    segmenter = Segmenter.from_model_dir(REPO / "model", config=config)
+    for seed in range(3):
+        data = jpeg(Image.fromarray(generate_scene(40 + seed, (768, 1024))[0]))
+        png = segmenter.handle_batch([Request({"body": data}, {"Accept": "image/png"})])[0]
+        mask = np.asarray(Image.open(__import__("io").BytesIO(png.body)))
+        full = segmenter.predict([Image.open(__import__("io").BytesIO(data)).convert("RGB")])[0]
+        assert mask.shape == full.shape == (768, 1024)
+        assert (mask == full).mean() >= 0.995

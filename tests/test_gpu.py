@@ -28,3 +28,22 @@ def test_cuda_masks_agree_with_cpu(config):
         assert (a == b).mean() >= 0.995
         assert a.shape == b.shape
     assert np.mean([(a == b).mean() for a, b in zip(cpu, gpu, strict=True)]) >= 0.995
+
+
+def test_precision_is_float32_on_cpu_and_half_on_cuda(config):
+    segmenter = Segmenter.from_model_dir(REPO / "model", config=config, warm_up=False)
+    assert segmenter._autocast().__class__.__name__ == "nullcontext"
+    assert segmenter.forward(torch.zeros(1, 3, 64, 64)).dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_half_precision_masks_agree_with_float32(config):
+    import dataclasses
+
+    images = [Image.fromarray(generate_scene(seed, (300, 411))[0]) for seed in range(4)]
+    fp32 = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, precision="fp32"),
+                                    device="cuda:0").predict(images)
+    fp16 = Segmenter.from_model_dir(REPO / "model", config=config, device="cuda:0")
+    assert fp16.forward(torch.zeros(1, 3, 64, 64)).dtype == torch.float16
+    for a, b in zip(fp32, fp16.predict(images), strict=True):
+        assert (a == b).mean() >= 0.995

@@ -48,6 +48,9 @@ class ServingConfig:
     threads: int = 0
     # Run the model on channels-last tensors (NHWC): oneDNN's and cuDNN's fast convolution layout.
     channels_last: bool = True
+    # Forward-pass precision: auto = float16 autocast on CUDA, float32 on CPU (CPUs without bf16
+    # units run half precision slower than float32).
+    precision: str = "auto"
 
     @property
     def num_classes(self) -> int:
@@ -114,7 +117,17 @@ class ServingConfig:
             ),
             threads=int(runtime.get("threads", 0) or 0),
             channels_last=_bool(runtime.get("channels_last", True), "handler.runtime.channels_last"),
+            precision=_choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
         )
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def _bool(value: Any, where: str) -> bool:

@@ -7,6 +7,7 @@ requests batched with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -114,11 +115,21 @@ class Segmenter:
         batch = batch.to(self.device, non_blocking=True)
         if self.config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             output = self.model(batch)
             if isinstance(output, dict):  # torchvision segmentation models return {"out": ..., "aux": ...}
                 output = output["out"]
             return output
+
+    def _autocast(self):
+        """Mixed precision per `runtime.precision`; float32 (no autocast) where it would not pay."""
+        precision = self.config.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def masks(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Logits (N, C, h, w) -> one uint8 mask per image at its (width, height)."""
@@ -164,9 +175,11 @@ class Segmenter:
     def decode_request(self, index: int, request: Request) -> Decoded:
         options = parse_options(request.inputs, request.headers, self.config)
         data = decode.extract_image_bytes(request.inputs, content_types(request.headers))
-        image = decode.decode_image(data, self.config.limits)
-        return Decoded(index, self.preprocess_image(image), image.width, image.height, options,
-                       image if options.format == "overlay" else None)
+        if options.format == "overlay":  # drawn over the full-resolution image
+            image = decode.decode_image(data, self.config.limits)
+            return Decoded(index, self.preprocess_image(image), image.width, image.height, options, image)
+        image, width, height = decode.decode_for_model(data, self.config.limits, self.config.input_size)
+        return Decoded(index, self.preprocess_image(image), width, height, options)
 
     def preprocess(self, requests: list[Request]) -> tuple[list[Decoded], dict[int, Response]]:
         """Decode every request; failures become that request's error response."""
