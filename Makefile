@@ -75,8 +75,9 @@ fixup: $(STAMP)
 	$(VENV)/bin/ruff format handler tests model scripts
 
 # The storage layout KServe's TorchServe runtime reads from the InferenceService's storageUri.
+# KSERVE_WORKERS=N: workers per replica (default: the archive's minWorkers/maxWorkers).
 kserve-layout: $(MAR)
-	$(PY) -m segserve.deploy kserve-layout --out kserve --mar $(MAR)
+	$(PY) -m segserve.deploy kserve-layout --out kserve --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
 
 clean:
 	rm -rf model-store run kserve .pytest_cache
