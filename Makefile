@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench clean
+.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench clean kserve-layout
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -25,7 +25,8 @@ help:
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png"
 	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (~10 min)"
-	@echo "make lint       ruff;  make fixup: ruff --fix + format"
+	@echo "make lint       ruff and hadolint (Dockerfiles);  make fixup: ruff --fix + format"
+	@echo "make kserve-layout  kserve/config/config.properties + kserve/model-store/*.mar for KServe (docs/deploy.md)"
 
 install: $(STAMP)
 
@@ -73,10 +74,16 @@ test-unit: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
 
 fixup: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format handler tests model scripts
 
+# The storage layout KServe's TorchServe runtime reads from the InferenceService's storageUri.
+# KSERVE_WORKERS=N: workers per replica (default: the archive's minWorkers/maxWorkers).
+kserve-layout: $(MAR)
+	$(PY) -m segserve.deploy kserve-layout --out kserve --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
+
 clean:
-	rm -rf model-store run .pytest_cache
+	rm -rf model-store run kserve .pytest_cache

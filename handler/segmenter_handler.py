@@ -45,6 +45,8 @@ class SegmenterHandler(BaseHandler):
         for index, response in enumerate(responses):
             self.context.set_response_status(response.status, response.phrase, index)
             self.context.set_response_content_type(index, response.content_type)
+            for name, value in response.headers.items():
+                self.context.set_response_header(index, name, value)
         return [response.body for response in responses]
 
     def describe_handle(self):

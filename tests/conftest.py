@@ -41,11 +41,18 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def model_store(tmp_path_factory) -> Path:
+    """A model store holding segmenter.mar built from model/ (built once per run)."""
+    store = tmp_path_factory.mktemp("store") / "model-store"
+    build(MODEL, MODEL_CONFIG, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_store):
     """One real TorchServe for the whole run: the archive built from model/, free loopback ports, token auth."""
     root = tmp_path_factory.mktemp("torchserve")
-    store = root / "model-store"
-    build(MODEL, MODEL_CONFIG, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
+    store = model_store
     ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
                     ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
                     models=(f"{MODEL}={MODEL}.mar",))

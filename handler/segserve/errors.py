@@ -49,6 +49,12 @@ class UnsupportedMediaType(SegservError):
     status, type = 415, "unsupported_media_type"
 
 
+class UnprocessableEntity(SegservError):
+    """A well-formed request the model cannot take (e.g. a v2 tensor of the wrong datatype or shape)."""
+
+    status, type = 422, "unprocessable_tensor"
+
+
 class InternalError(SegservError):
     status, type = 500, "internal_error"
 

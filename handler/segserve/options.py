@@ -69,7 +69,7 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
     if unknown:
         raise InvalidOption(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
     return Options(format=_format(fields.get("format"), headers),
-                   classes=_classes(fields.get("classes"), config),
+                   classes=parse_classes(fields.get("classes"), config),
                    min_area=_min_area(fields.get("min_area")))
 
 
@@ -89,7 +89,7 @@ def _format(value: Any, headers: dict[str, Any]) -> str:
     return "json"
 
 
-def _classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
+def parse_classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
     if value is None or value == "":
         return None
     items = value if isinstance(value, list) else str(value).split(",")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, encode
+from . import decode, encode, oip
 from .config import ServingConfig
 from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
 from .models import load_model
@@ -43,6 +43,7 @@ class Response:
     content_type: str
     body: bytes
     error_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (v2 binary data)
 
     @property
     def phrase(self) -> str:
@@ -63,6 +64,7 @@ class Decoded:
     height: int
     options: Options
     image: Image.Image | None = None  # kept only for format=overlay
+    v2: oip.V2Request | None = None  # an Open Inference Protocol v2 request, answered in v2 form
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -145,6 +147,9 @@ class Segmenter:
     def encode(self, logits: torch.Tensor, item: Decoded) -> Response:
         """One request's answer in its format, from its logits (C, h, w)."""
         options, config = item.options, self.config
+        if item.v2 is not None:
+            body, content_type, headers = oip.answer(logits_to_mask(logits, item.height, item.width), item.v2, config)
+            return Response(200, content_type, body, headers=headers)
         if options.format == "probs":
             return self._probs(logits, item)
         mask = logits_to_mask(logits, item.height, item.width)
@@ -173,6 +178,9 @@ class Segmenter:
 
     # -- the batch, request by request ------------------------------------------------------
     def decode_request(self, index: int, request: Request) -> Decoded:
+        if oip.is_v2(request.inputs, request.headers):
+            v2 = oip.parse(request.inputs, request.headers, self.config)
+            return Decoded(index, self.preprocess_image(v2.image), v2.image.width, v2.image.height, Options(), v2=v2)
         options = parse_options(request.inputs, request.headers, self.config)
         data = decode.extract_image_bytes(request.inputs, content_types(request.headers))
         if options.format == "overlay":  # drawn over the full-resolution image
@@ -190,10 +198,10 @@ class Segmenter:
                 decoded.append(self.decode_request(index, request))
             except SegservError as error:
                 logger.info("request %d refused: %s %s: %s", index, error.status, error.type, error.message)
-                failed[index] = Response.from_error(error)
+                failed[index] = self.error_response(error, request)
             except Exception:  # a bug of ours must not take the batch down
                 logger.exception("request %d: unexpected error while decoding", index)
-                failed[index] = Response.from_error(InternalError("the image could not be processed"))
+                failed[index] = self.error_response(InternalError("the image could not be processed"), request)
         return decoded, failed
 
     def inference(self, decoded: list[Decoded]) -> torch.Tensor | None:
@@ -209,11 +217,20 @@ class Segmenter:
             try:
                 responses[item.index] = self.encode(logits[row], item)
             except SegservError as error:
-                responses[item.index] = Response.from_error(error)
+                responses[item.index] = self.error_response(error, v2=item.v2)
             except Exception:
                 logger.exception("request %d: unexpected error while encoding the mask", item.index)
-                responses[item.index] = Response.from_error(InternalError("the mask could not be encoded"))
+                responses[item.index] = self.error_response(InternalError("the mask could not be encoded"), v2=item.v2)
         return [responses[i] for i in range(count)]
+
+    @staticmethod
+    def error_response(error: SegservError, request: Request | None = None,
+                       v2: oip.V2Request | None = None) -> Response:
+        """The error in the request's own protocol: v2 requests get a v2 error body."""
+        if v2 is None and (request is None or not oip.is_v2(request.inputs, request.headers)):
+            return Response.from_error(error)
+        request_id = v2.id if v2 is not None else oip.request_id(request.inputs, request.headers)
+        return Response(error.status, "application/json", oip.error_body(error, request_id), error.type)
 
     def handle_batch(self, requests: list[Request]) -> list[Response]:
         decoded, failed = self.preprocess(requests)

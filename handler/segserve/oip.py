@@ -1,0 +1,243 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton HTTP) requests and answers, handled natively.
+
+TorchServe's own `kservev2` service envelope reads only the first request of a
+batch, so segserve reads v2 bodies itself and keeps TorchServe's batching: every
+v2 request in a batch is one image and gets its own v2 answer.
+
+A request has one input, either
+- BYTES, shape [1] (or []): an encoded image file (PNG, JPEG, ...), as base64 text in
+  JSON `data` (JSON strings cannot carry raw bytes; KServe and tritonclient users send
+  base64) or raw in the binary-data extension; or
+- UINT8, shape [H, W, 3] (or [1, H, W, 3]): RGB pixels, row-major.
+The answer has one output, `mask`: UINT8 [H, W] class ids (default), or with the
+parameter `format: "png"` BYTES [1] holding the indexed PNG mask. Outputs come as JSON
+`data` unless the request asks for the binary-data extension (`binary_data_output`, or
+`binary_data` on the `mask` entry of `outputs`; tritonclient asks when it names no
+outputs). The binary-data extension (Triton's, also in KServe's clients) puts tensors
+after the JSON header; the `Inference-Header-Content-Length` header gives its length.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import decode, encode
+from .config import Limits, ServingConfig
+from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, SegservError, UnprocessableEntity
+from .options import header, parse_classes
+
+HEADER_LENGTH = "inference-header-content-length"
+OUTPUT_NAME = "mask"
+OUTPUT_FORMATS = ("tensor", "png")
+REQUEST_PARAMETERS = ("format", "classes", "binary_data_output")
+
+
+@dataclass(frozen=True)
+class V2Request:
+    """One parsed v2 request: its image and how to answer it."""
+
+    image: Image.Image
+    id: str | None = None
+    format: str = "tensor"  # "tensor": UINT8 [H, W]; "png": BYTES [1]
+    classes: tuple[int, ...] | None = None  # None: all classes
+    binary_output: bool = False
+
+
+def _body(inputs: dict[str, Any]) -> Any:
+    return inputs.get("body", inputs.get("data"))
+
+
+def is_v2(inputs: dict[str, Any], headers: dict[str, Any]) -> bool:
+    """A v2 body: JSON with an `inputs` list, or a binary-extension body (its header length is set)."""
+    body = _body(inputs)
+    if isinstance(body, dict):
+        return isinstance(body.get("inputs"), list)
+    if isinstance(body, (bytes, bytearray)):
+        if header(headers, HEADER_LENGTH) is not None:
+            return True
+        # JSON sent without a JSON Content-Type reaches us as bytes; images never start with '{'.
+        if body[:1] == b"{":
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                return False
+            return isinstance(doc, dict) and isinstance(doc.get("inputs"), list)
+    return False
+
+
+def split_body(inputs: dict[str, Any], headers: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The v2 JSON document and the binary tail after it (empty without the binary-data extension)."""
+    body = _body(inputs)
+    if isinstance(body, dict):
+        return body, b""
+    body = bytes(body)
+    length = header(headers, HEADER_LENGTH)
+    if length is None:
+        length = str(len(body))
+    if not length.strip().isdigit() or int(length) > len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {length!r} does not fit a body of {len(body)} bytes")
+    try:
+        doc = json.loads(body[:int(length)])
+    except ValueError:
+        raise BadRequest("the v2 inference header is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise BadRequest('a v2 request needs a JSON object with an "inputs" list')
+    return doc, body[int(length):]
+
+
+def parse(inputs: dict[str, Any], headers: dict[str, Any], config: ServingConfig) -> V2Request:
+    """A v2 request -> its image (RGB) and answer settings; SegservError (400/413/422) if it is unusable."""
+    doc, binary = split_body(inputs, headers)
+    if len(doc["inputs"]) != 1:
+        raise UnprocessableEntity(f"one input per request (an image), got {len(doc['inputs'])}; send each image "
+                                  "as its own request: the server batches concurrent requests")
+    tensor = doc["inputs"][0]
+    if not isinstance(tensor, dict):
+        raise BadRequest("each v2 input is an object with name, shape, datatype and data")
+    raw = _binary_data(tensor, binary)
+    datatype = str(tensor.get("datatype", "")).upper()
+    shape = _shape(tensor)
+    if datatype == "BYTES":
+        image = decode.decode_image(_image_file(tensor, shape, raw), config.limits)
+    elif datatype == "UINT8":
+        image = _pixels(tensor, shape, raw, config.limits)
+    else:
+        raise UnprocessableEntity(f"input datatype {datatype or None!r} is not supported: send BYTES (an image "
+                                  "file) or UINT8 (RGB pixels, shape [H, W, 3])")
+    parameters = _parameters(doc.get("parameters"))
+    unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise InvalidOption(f"unknown parameter {unknown[0]!r}; the parameters are: {', '.join(REQUEST_PARAMETERS)}")
+    output_format, binary_output = parameters.get("format"), bool(parameters.get("binary_data_output", False))
+    for output in doc.get("outputs") or []:
+        name = output.get("name") if isinstance(output, dict) else None
+        if name != OUTPUT_NAME:
+            raise InvalidOption(f"unknown output {name!r}; this model's output is {OUTPUT_NAME!r}")
+        output_parameters = _parameters(output.get("parameters"))
+        output_format = output_parameters.get("format", output_format)
+        binary_output = bool(output_parameters.get("binary_data", binary_output))
+    output_format = str(output_format or "tensor").lower()
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidOption(f"format={output_format!r} is not supported for v2; use one of: "
+                            f"{', '.join(OUTPUT_FORMATS)}")
+    request_id = doc.get("id")
+    return V2Request(image=image, id=None if request_id is None else str(request_id), format=output_format,
+                     classes=parse_classes(parameters.get("classes"), config), binary_output=binary_output)
+
+
+def request_id(inputs: dict[str, Any], headers: dict[str, Any]) -> str | None:
+    """The request's `id` when the body can be read that far (for error answers)."""
+    try:
+        value = split_body(inputs, headers)[0].get("id")
+    except SegservError:
+        return None
+    return None if value is None else str(value)
+
+
+def _parameters(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("v2 parameters must be a JSON object")
+    return value
+
+
+def _shape(tensor: dict[str, Any]) -> list[int]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise BadRequest("a v2 input needs a shape: a list of whole numbers")
+    return shape
+
+
+def _binary_data(tensor: dict[str, Any], binary: bytes) -> bytes | None:
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or size < 0 or size > len(binary):
+        raise BadRequest(f"binary_data_size {size!r} does not fit the {len(binary)} bytes after the v2 header")
+    return binary[:size]
+
+
+def _image_file(tensor: dict[str, Any], shape: list[int], raw: bytes | None) -> bytes:
+    if int(np.prod(shape)) != 1:
+        raise UnprocessableEntity(f"a BYTES input holds one image file (shape [1]), got shape {shape}; send each "
+                                  "image as its own request")
+    if raw is not None:  # binary-data extension: 4-byte little-endian length, then the bytes
+        if len(raw) < 4 or struct.unpack_from("<I", raw)[0] != len(raw) - 4:
+            raise BadRequest("a binary BYTES element is a 4-byte little-endian length followed by that many bytes")
+        return raw[4:]
+    data = tensor.get("data")
+    while isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if not isinstance(data, str) or not data:
+        raise EmptyBody("a BYTES input needs data: [\"<base64 of the image file>\"]")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("the BYTES input is not valid base64 (JSON carries image files as base64)") from None
+
+
+def _pixels(tensor: dict[str, Any], shape: list[int], raw: bytes | None, limits: Limits) -> Image.Image:
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3 or shape[2] != 3:
+        raise UnprocessableEntity(f"a UINT8 input is one RGB image of shape [H, W, 3], got {shape}; send each "
+                                  "image as its own request")
+    height, width = shape[0], shape[1]
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is "
+                            f"{limits.max_pixels} pixels (max_pixels)")
+    if width == 0 or height == 0:
+        raise InvalidImage(f"the image has no pixels ({width}x{height})")
+    if raw is not None:
+        pixels = np.frombuffer(raw, dtype=np.uint8)
+    else:
+        try:
+            pixels = np.asarray(tensor.get("data"), dtype=np.int64).ravel()
+        except (ValueError, TypeError, OverflowError):
+            raise BadRequest("UINT8 data must be whole numbers 0..255") from None
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+            raise BadRequest("UINT8 data must be whole numbers 0..255")
+    if pixels.size != height * width * 3:
+        raise BadRequest(f"shape {shape} needs {height * width * 3} values, got {pixels.size}")
+    return Image.fromarray(pixels.astype(np.uint8).reshape(height, width, 3), "RGB")
+
+
+# -- answers ------------------------------------------------------------------------------------
+def answer(mask: np.ndarray, request: V2Request, config: ServingConfig) -> tuple[bytes, str, dict[str, str]]:
+    """The v2 answer for one mask: (body, content type, extra response headers)."""
+    mask = encode.keep_classes(mask, request.classes)
+    if request.format == "png":
+        png = encode.mask_to_png(mask, config.palette)
+        output = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [1]}
+        raw, json_data = struct.pack("<I", len(png)) + png, [base64.b64encode(png).decode()]
+    else:
+        output = {"name": OUTPUT_NAME, "datatype": "UINT8", "shape": list(mask.shape)}
+        raw, json_data = None, None
+    doc: dict[str, Any] = {"model_name": config.name, "model_version": config.version}
+    if request.id is not None:
+        doc["id"] = request.id
+    doc["outputs"] = [output]
+    if request.binary_output:
+        raw = raw if raw is not None else np.ascontiguousarray(mask, dtype=np.uint8).tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(doc, separators=(",", ":")).encode()
+        return head + raw, "application/octet-stream", {"Inference-Header-Content-Length": str(len(head))}
+    output["data"] = json_data if json_data is not None else mask.ravel().tolist()
+    return json.dumps(doc, separators=(",", ":")).encode(), "application/json", {}
+
+
+def error_body(error: SegservError, request_id: str | None = None) -> bytes:
+    """A v2 error (`{"error": message}`, what v2 clients read) plus segserve's code, type and message."""
+    doc: dict[str, Any] = {"error": error.message, **error.to_dict()}
+    if request_id is not None:
+        doc["id"] = request_id
+    return json.dumps(doc).encode()
