@@ -89,7 +89,7 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is "
-                                    f"{limits.max_pixels} pixels (max_pixels)")
+                                    f"{limits.max_pixels} pixels (max_pixels): send a smaller image or split it")
             if width == 0 or height == 0:
                 raise InvalidImage(f"the image has no pixels ({width}x{height})")
             image.load()
