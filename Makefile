@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures clean
+.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench-tiling clean
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -22,6 +22,7 @@ help:
 	@echo "make train      retrain the default model into $(WEIGHTS) (~10 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png"
+	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (~10 min)"
 	@echo "make lint       ruff;  make fixup: ruff --fix + format"
 
 install: $(STAMP)
@@ -58,6 +59,9 @@ evaluate: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) scripts/make_figures.py
+
+bench-tiling: $(STAMP)
+	$(PY) bench/tiling.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
