@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench clean kserve-layout
+.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench bench-tiling clean kserve-layout
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -25,6 +25,7 @@ help:
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png"
 	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (~10 min)"
+	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (~10 min)"
 	@echo "make lint       ruff and hadolint (Dockerfiles);  make fixup: ruff --fix + format"
 	@echo "make kserve-layout  kserve/config/config.properties + kserve/model-store/*.mar for KServe (docs/deploy.md)"
 
@@ -65,6 +66,9 @@ figures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-tiling: $(STAMP)
+	$(PY) bench/tiling.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -182,8 +182,10 @@ def test_request_is_multipart_with_options_as_form_fields(no_env, tmp_path):
     assert call["headers"] == {"Authorization": "Bearer t"}
     assert call["files"] == {"data": ("cells.jpg", b"jpeg bytes", "image/jpeg")}
     assert call["data"] == {"format": "rle", "classes": "cell,2", "min_area": "5"}
+    SegservClient(token="t", session=session).predict(path, format="png", tile="on")
+    assert session.calls[-1]["data"] == {"format": "png", "tile": "on"}
     SegservClient(token="t", session=session).predict(Image.new("RGB", (4, 3)))
-    name, data, media = session.calls[1]["files"]["data"]
+    name, data, media = session.calls[2]["files"]["data"]
     assert media == "image/png" and Image.open(io.BytesIO(data)).size == (4, 3)
 
 

@@ -29,6 +29,15 @@ def test_from_dict_reads_sizes_and_defaults():
     assert cfg.version == "2"
 
 
+def test_tiling_defaults_to_the_input_size_and_reads_its_settings(config):
+    assert config.tile_size == config.input_size and 0 < config.tiling.overlap < 1
+    cfg = ServingConfig.from_dict(base_section())
+    assert cfg.tile_size == (64, 96) and cfg.tiling.batch > 0
+    cfg = ServingConfig.from_dict(base_section(tiling={"tile_size": 128, "overlap": 0, "batch": 2,
+                                                       "auto_above_pixels": 10}))
+    assert (cfg.tile_size, cfg.tiling.overlap, cfg.tiling.batch, cfg.tiling.auto_above_pixels) == ((128, 128), 0, 2, 10)
+
+
 def test_classes_as_plain_names_get_distinct_colors():
     cfg = ServingConfig.from_dict(base_section(classes=["a", "b", "c", "d"]))
     colors = [c.color for c in cfg.classes]
@@ -42,6 +51,12 @@ def test_classes_as_plain_names_get_distinct_colors():
     ({"classes": [{"name": "a", "color": [0, 0, 300]}, {"name": "b"}]}, "0..255"),
     ({"model": {"name": "m", "arch": "unet"}}, "handler.model.weights"),
     ({"limits": {"max_bytes": -1}}, "max_bytes"),
+    ({"tiling": {"overlap": 1.0}}, "handler.tiling.overlap"),
+    ({"tiling": {"tile_size": [0, 64]}}, "handler.tiling.tile_size"),
+    ({"tiling": {"batch": 0}}, "handler.tiling.batch"),
+    ({"tiling": {"auto_above_pixels": "many"}}, "handler.tiling.auto_above_pixels"),
+    ({"tiling": {"window": 64}}, "handler.tiling.window is not a setting"),
+    ({"tiling": [64]}, "handler.tiling must be a mapping"),
 ])
 def test_bad_values_name_the_key(bad, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace(">", ">")):

@@ -47,3 +47,14 @@ def test_cuda_half_precision_masks_agree_with_float32(config):
     assert fp16.forward(torch.zeros(1, 3, 64, 64)).dtype == torch.float16
     for a, b in zip(fp32, fp16.predict(images), strict=True):
         assert (a == b).mean() >= 0.995
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tiled_masks_and_probs_agree_with_cpu(config):
+    image = Image.fromarray(generate_scene(9, (700, 900))[0])
+    cpu = Segmenter.from_model_dir(REPO / "model", config=config)
+    gpu = Segmenter.from_model_dir(REPO / "model", config=config, device="cuda:0")
+    (a,), (b,) = cpu.predict([image], tile="on"), gpu.predict([image], tile="on")
+    assert a.shape == b.shape == (700, 900) and (a == b).mean() >= 0.995
+    probs, expected = gpu.tiled_probs(image, (1, 2)), cpu.tiled_probs(image, (1, 2))
+    assert probs.shape == (2, 700, 900) and np.abs(probs.astype(np.float32) - expected).max() < 0.05

@@ -28,6 +28,12 @@ def test_format_sources_in_order(config, inputs, headers, expected):
     assert parse(inputs, headers, config).format == expected
 
 
+def test_tile_from_form_or_json(config):
+    assert parse(config=config).tile == "auto"
+    assert parse({"data": b"x", "tile": b"On "}, config=config).tile == "on"
+    assert parse({"body": {"image": "..", "tile": "off"}}, config=config).tile == "off"
+
+
 def test_classes_by_name_or_id_and_min_area(config):
     options = parse({"data": b"x", "classes": b"nucleus,1", "min_area": b"25"}, config=config)
     assert options.classes == (1, 2) and options.min_area == 25
@@ -36,10 +42,11 @@ def test_classes_by_name_or_id_and_min_area(config):
 
 @pytest.mark.parametrize("inputs, words", [
     ({"data": b"x", "format": b"gif"}, ["format", "json", "polygons"]),
-    ({"data": b"x", "colour": b"red"}, ["'colour'", "format, classes, min_area"]),
+    ({"data": b"x", "colour": b"red"}, ["'colour'", "format, classes, min_area, tile"]),
     ({"data": b"x", "classes": b"mitochondria"}, ["mitochondria", "2=nucleus"]),
     ({"data": b"x", "min_area": b"-3"}, ["min_area", ">= 0"]),
     ({"data": b"x", "min_area": b"big"}, ["min_area"]),
+    ({"data": b"x", "tile": b"yes"}, ["tile='yes'", "auto, on, off"]),
 ])
 def test_bad_options_are_400_naming_option_and_choices(config, inputs, words):
     with pytest.raises(InvalidOption) as info:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .client import SegservClient, SegservError
-from .options import FORMATS
+from .options import FORMATS, TILE_MODES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
@@ -78,7 +78,8 @@ def predict(args: argparse.Namespace) -> int:
     images = _inputs(args.images)
     client = _client(args)
     results = client.predict_many(images, workers=args.workers, progress=not args.no_progress,
-                                  format=args.format, classes=args.classes, min_area=args.min_area)
+                                  format=args.format, classes=args.classes, min_area=args.min_area,
+                                  tile=args.tile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -114,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=list(FORMATS), help="what to write per image (png)")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids to return")
     p.add_argument("--min-area", type=int, default=None, help="drop regions smaller than this (rle, polygons)")
+    p.add_argument("--tile", default=None, choices=list(TILE_MODES),
+                   help="sliding windows at the image's own scale: auto (server default), on, off")
     p.add_argument("--out", default="masks", help="output folder (default: ./masks)")
     p.add_argument("--workers", type=_positive, default=4, help="requests in flight (4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

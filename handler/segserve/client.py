@@ -198,10 +198,15 @@ class SegservClient:
         raise AssertionError("unreachable")
 
     def predict(self, image: ImageInput, format: str = "json", classes: Iterable[str | int] | str | None = None,
-                min_area: int | None = None) -> Prediction:
-        """Segment one image (a path, encoded bytes, or a PIL image, sent as PNG); raise SegservError on failure."""
+                min_area: int | None = None, tile: str | None = None) -> Prediction:
+        """Segment one image (a path, encoded bytes, or a PIL image, sent as PNG); raise SegservError on failure.
+
+        `tile`: "auto" (the server's default), "on" or "off": sliding-window inference at the image's own scale.
+        """
         name, data, media = _image_part(image)
         fields = {"format": format}
+        if tile is not None:
+            fields["tile"] = tile
         if classes is not None:
             fields["classes"] = classes if isinstance(classes, str) else ",".join(str(c) for c in classes)
         if min_area is not None:

@@ -34,6 +34,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """Sliding-window inference for large images (segserve.tiling), the `handler.tiling:` section."""
+
+    # tile=auto tiles images with more pixels than this (and larger than one tile); smaller ones are resized.
+    auto_above_pixels: int = 1_048_576
+    # Window (height, width) cut from the image at its own scale; None = the model's input size.
+    tile_size: tuple[int, int] | None = None
+    # Fraction of a window shared with its neighbour, in [0, 1).
+    overlap: float = 0.25
+    # Windows per forward pass.
+    batch: int = 8
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     name: str
     version: str
@@ -45,6 +59,7 @@ class ServingConfig:
     std: tuple[float, float, float]
     arch_params: dict[str, Any] = field(default_factory=dict)
     limits: Limits = Limits()
+    tiling: Tiling = Tiling()
     threads: int = 0
     # Run the model on channels-last tensors (NHWC): oneDNN's and cuDNN's fast convolution layout.
     channels_last: bool = True
@@ -55,6 +70,11 @@ class ServingConfig:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        """(height, width) of the sliding windows: handler.tiling.tile_size, else the model's input size."""
+        return self.tiling.tile_size or self.input_size
 
     @property
     def class_names(self) -> list[str]:
@@ -84,6 +104,9 @@ class ServingConfig:
         inp = _section(section, "input")
         limits = section.get("limits") or {}
         runtime = section.get("runtime") or {}
+        tiling = section.get("tiling") or {}
+        if not isinstance(tiling, dict):
+            raise ConfigError("handler.tiling must be a mapping, e.g. {auto_above_pixels: 1048576, overlap: 0.25}")
 
         raw_classes = section.get("classes")
         if not isinstance(raw_classes, list) or len(raw_classes) < 2:
@@ -115,6 +138,7 @@ class ServingConfig:
                 max_response_bytes=_positive_int(limits.get("max_response_bytes", Limits.max_response_bytes),
                                                  "handler.limits.max_response_bytes"),
             ),
+            tiling=_tiling(tiling, (size[0], size[1])),
             threads=int(runtime.get("threads", 0) or 0),
             channels_last=_bool(runtime.get("channels_last", True), "handler.runtime.channels_last"),
             precision=_choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
@@ -134,6 +158,29 @@ def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     return value
+
+
+def _tiling(section: dict, input_size: tuple[int, int]) -> Tiling:
+    unknown = sorted(set(section) - {"auto_above_pixels", "tile_size", "overlap", "batch"})
+    if unknown:
+        raise ConfigError(f"handler.tiling.{unknown[0]} is not a setting; the settings are: "
+                          "auto_above_pixels, tile_size, overlap, batch")
+    size = section.get("tile_size") or list(input_size)
+    if isinstance(size, int):
+        size = [size, size]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ConfigError(f"handler.tiling.tile_size must be [height, width] in pixels, got {size!r}")
+    overlap = section.get("overlap", Tiling.overlap)
+    if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
+        raise ConfigError(f"handler.tiling.overlap must be a fraction of the tile in [0, 1), e.g. 0.25, "
+                          f"got {overlap!r}")
+    return Tiling(
+        auto_above_pixels=_positive_int(section.get("auto_above_pixels", Tiling.auto_above_pixels),
+                                        "handler.tiling.auto_above_pixels"),
+        tile_size=(size[0], size[1]),
+        overlap=float(overlap),
+        batch=_positive_int(section.get("batch", Tiling.batch), "handler.tiling.batch"),
+    )
 
 
 def _section(doc: dict, key: str) -> dict:

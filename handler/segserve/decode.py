@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -84,18 +85,21 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
     return image
 
 
-def decode_for_model(data: bytes, limits: Limits, model_size: tuple[int, int]) -> tuple[Image.Image, int, int]:
+def decode_for_model(data: bytes, limits: Limits, model_size: tuple[int, int],
+                     full_if: Callable[[int, int], bool] | None = None) -> tuple[Image.Image, int, int]:
     """Like `decode_image`, for images that only go to the model: (image, full width, full height).
 
     A JPEG much larger than the model input is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
     (Pillow's draft mode), never below the model's input size: the model sees nearly the same pixels
-    at a fraction of the decode cost. The full size is returned for the mask.
+    at a fraction of the decode cost. The full size is returned for the mask. `full_if(width, height)`
+    true (e.g. the image is to be tiled at its own scale) keeps the full resolution.
     """
     side = max(model_size)
-    return _decode(data, limits, (side, side))
+    return _decode(data, limits, (side, side), full_if)
 
 
-def _decode(data: bytes, limits: Limits, draft: tuple[int, int] | None) -> tuple[Image.Image, int, int]:
+def _decode(data: bytes, limits: Limits, draft: tuple[int, int] | None,
+            full_if: Callable[[int, int], bool] | None = None) -> tuple[Image.Image, int, int]:
     if not data:
         raise EmptyBody("the request body is empty: send the image bytes")
     if len(data) > limits.max_bytes:
@@ -108,11 +112,14 @@ def _decode(data: bytes, limits: Limits, draft: tuple[int, int] | None) -> tuple
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is "
-                                    f"{limits.max_pixels} pixels (max_pixels)")
+                                    f"{limits.max_pixels} pixels (max_pixels): send a smaller image or split it")
             if width == 0 or height == 0:
                 raise InvalidImage(f"the image has no pixels ({width}x{height})")
             if draft and image.format == "JPEG":
-                image.draft("RGB", draft)
+                # A JPEG's EXIF comes before its pixels: the upright size is known before decoding.
+                rotated = image.getexif().get(ORIENTATION, 1) in ROTATED
+                if not (full_if and full_if(*((height, width) if rotated else (width, height)))):
+                    image.draft("RGB", draft)
             image.load()
             if image.getexif().get(ORIENTATION, 1) in ROTATED:
                 width, height = height, width

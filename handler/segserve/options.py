@@ -1,4 +1,4 @@
-"""Per-request options: response format, class subset, minimum region area.
+"""Per-request options: response format, class subset, minimum region area, tiling.
 
 Where options come from, first match wins:
 1. fields of a JSON body (`{"image": "<base64>", "format": "rle"}`) or of a multipart form;
@@ -26,7 +26,9 @@ FORMATS = {
 }
 ACCEPT_TO_FORMAT = {"image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs",
                     "application/json": "json"}
-OPTION_NAMES = ("format", "classes", "min_area")
+OPTION_NAMES = ("format", "classes", "min_area", "tile")
+# Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
+TILE_MODES = ("auto", "on", "off")
 # Inputs that carry the image rather than options.
 IMAGE_FIELDS = ("body", "data", "file", "image")
 
@@ -36,6 +38,7 @@ class Options:
     format: str = "json"
     classes: tuple[int, ...] | None = None  # None: all classes
     min_area: int = 0
+    tile: str = "auto"
 
     @property
     def content_type(self) -> str:
@@ -70,7 +73,8 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
         raise InvalidOption(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
     return Options(format=_format(fields.get("format"), headers),
                    classes=parse_classes(fields.get("classes"), config),
-                   min_area=_min_area(fields.get("min_area")))
+                   min_area=_min_area(fields.get("min_area")),
+                   tile=_tile(fields.get("tile")))
 
 
 def _format(value: Any, headers: dict[str, Any]) -> str:
@@ -117,3 +121,12 @@ def _min_area(value: Any) -> int:
     if area < 0:
         raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}")
     return area
+
+
+def _tile(value: Any) -> str:
+    if value is None or value == "":
+        return "auto"
+    mode = str(value).strip().lower()
+    if mode not in TILE_MODES:
+        raise InvalidOption(f"tile={mode!r} is not supported; use one of: {', '.join(TILE_MODES)}")
+    return mode

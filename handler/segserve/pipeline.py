@@ -1,5 +1,9 @@
 """The whole request path, without TorchServe: decode -> batch forward -> masks -> bodies.
 
+Images up to one window (or with tile=off, or under handler.tiling.auto_above_pixels)
+are resized to the model's input and batched into one forward pass; larger ones go
+through sliding windows at their own scale (segserve.tiling), one request at a time.
+
 `Segmenter.handle_batch` answers every request of a batch on its own: a bad
 request gets its own JSON error and never changes the answers of the good
 requests batched with it.
@@ -19,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, encode, oip
+from . import decode, encode, oip, tiling
 from .config import ServingConfig
 from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
 from .models import load_model
@@ -59,12 +63,24 @@ class Decoded:
     """A request that passed decoding: its model input and what postprocess needs to answer it."""
 
     index: int
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None  # the resized model input; None when tiled
     width: int
     height: int
     options: Options
-    image: Image.Image | None = None  # kept only for format=overlay
+    image: Image.Image | None = None  # kept for tiling and for format=overlay
+    tiled: bool = False
     v2: oip.V2Request | None = None  # an Open Inference Protocol v2 request, answered in v2 form
+
+
+@dataclass
+class Prediction:
+    """The model's answer for one request: logits at the model's size (untiled), or the mask or the
+    probabilities already at the image's size (tiled), or the error that stopped it."""
+
+    logits: torch.Tensor | None = None
+    mask: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    error: SegservError | None = None
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -137,22 +153,41 @@ class Segmenter:
         """Logits (N, C, h, w) -> one uint8 mask per image at its (width, height)."""
         return [logits_to_mask(logits[i], height, width) for i, (width, height) in enumerate(sizes)]
 
-    def predict(self, images: list[Image.Image]) -> list[np.ndarray]:
-        """RGB images -> class-index masks at each image's own size (the in-process reference path)."""
-        if not images:
-            return []
-        batch = torch.stack([self.preprocess_image(image) for image in images])
-        return self.masks(self.forward(batch), [image.size for image in images])
+    def _tiling_args(self) -> tuple:
+        config = self.config
+        return self.forward, config.tile_size, config.tiling.overlap, config.tiling.batch, config.mean, config.std
 
-    def encode(self, logits: torch.Tensor, item: Decoded) -> Response:
-        """One request's answer in its format, from its logits (C, h, w)."""
+    def tiled_mask(self, image: Image.Image) -> np.ndarray:
+        """Sliding-window mask of the whole image at its own scale (segserve.tiling)."""
+        return tiling.sliding_window_mask(image, *self._tiling_args())
+
+    def tiled_probs(self, image: Image.Image, channels: tuple[int, ...] | None = None) -> np.ndarray:
+        return tiling.sliding_window_probs(image, *self._tiling_args(), channels=channels)
+
+    def predict(self, images: list[Image.Image], tile: str = "auto") -> list[np.ndarray]:
+        """RGB images -> class-index masks at each image's own size (the in-process reference path).
+
+        `tile` as the request option: auto, on or off."""
+        tiled = [tiling.should_tile(image.width, image.height, tile, self.config) for image in images]
+        resized = [image for image, t in zip(images, tiled, strict=True) if not t]
+        masks = iter(self.masks(self.forward(torch.stack([self.preprocess_image(image) for image in resized])),
+                                [image.size for image in resized]) if resized else [])
+        return [self.tiled_mask(image) if t else next(masks) for image, t in zip(images, tiled, strict=True)]
+
+    def encode(self, prediction: Prediction | torch.Tensor, item: Decoded) -> Response:
+        """One request's answer in its format, from its prediction (or its logits (C, h, w))."""
+        if isinstance(prediction, torch.Tensor):
+            prediction = Prediction(logits=prediction)
+        if prediction.error is not None:
+            raise prediction.error
         options, config = item.options, self.config
+        if options.format == "probs" and item.v2 is None:
+            return self._probs(prediction, item)
+        mask = prediction.mask if prediction.mask is not None else logits_to_mask(prediction.logits, item.height,
+                                                                                   item.width)
         if item.v2 is not None:
-            body, content_type, headers = oip.answer(logits_to_mask(logits, item.height, item.width), item.v2, config)
+            body, content_type, headers = oip.answer(mask, item.v2, config)
             return Response(200, content_type, body, headers=headers)
-        if options.format == "probs":
-            return self._probs(logits, item)
-        mask = logits_to_mask(logits, item.height, item.width)
         if options.format == "png":
             body = encode.mask_to_png(encode.keep_classes(mask, options.classes), config.palette)
         elif options.format == "rle":
@@ -165,15 +200,24 @@ class Segmenter:
             body = encode.json_response(mask, config, options.classes)
         return Response(200, options.content_type, body)
 
-    def _probs(self, logits: torch.Tensor, item: Decoded) -> Response:
-        channels = list(item.options.classes or range(self.config.num_classes))
-        size = len(channels) * item.width * item.height * 2
+    def check_response_size(self, options: Options, width: int, height: int) -> None:
+        """format=probs grows with classes x pixels: refuse it before any work when over max_response_bytes."""
+        if options.format != "probs":
+            return
+        size = len(options.classes or range(self.config.num_classes)) * width * height * 2
         limit = self.config.limits.max_response_bytes
         if size > limit:
             raise PayloadTooLarge(
-                f"format=probs for this {item.width}x{item.height} image would be {size} bytes; the limit is {limit} "
+                f"format=probs for this {width}x{height} image would be {size} bytes; the limit is {limit} "
                 "(max_response_bytes): ask for fewer classes (classes=...), send a smaller image, or use format=png")
-        probs = upsample_logits(logits, item.height, item.width).softmax(0)[channels].to(torch.float16).cpu().numpy()
+
+    def _probs(self, prediction: Prediction, item: Decoded) -> Response:
+        self.check_response_size(item.options, item.width, item.height)
+        probs = prediction.probs
+        if probs is None:
+            channels = list(item.options.classes or range(self.config.num_classes))
+            probs = upsample_logits(prediction.logits, item.height, item.width).softmax(0)[channels]
+            probs = probs.to(torch.float16).cpu().numpy()
         return Response(200, "application/x-npy", encode.probs_npy(probs))
 
     # -- the batch, request by request ------------------------------------------------------
@@ -183,11 +227,19 @@ class Segmenter:
             return Decoded(index, self.preprocess_image(v2.image), v2.image.width, v2.image.height, Options(), v2=v2)
         options = parse_options(request.inputs, request.headers, self.config)
         data = decode.extract_image_bytes(request.inputs, content_types(request.headers))
+        limits = self.config.limits
         if options.format == "overlay":  # drawn over the full-resolution image
-            image = decode.decode_image(data, self.config.limits)
-            return Decoded(index, self.preprocess_image(image), image.width, image.height, options, image)
-        image, width, height = decode.decode_for_model(data, self.config.limits, self.config.input_size)
-        return Decoded(index, self.preprocess_image(image), width, height, options)
+            image = decode.decode_image(data, limits)
+            width, height = image.size
+        else:  # a large JPEG may be decoded smaller, unless it is to be tiled at its own scale
+            image, width, height = decode.decode_for_model(
+                data, limits, self.config.input_size,
+                full_if=lambda w, h: tiling.should_tile(w, h, options.tile, self.config))
+        self.check_response_size(options, width, height)
+        if tiling.should_tile(width, height, options.tile, self.config):
+            return Decoded(index, None, width, height, options, image, tiled=True)
+        return Decoded(index, self.preprocess_image(image), width, height, options,
+                       image if options.format == "overlay" else None)
 
     def preprocess(self, requests: list[Request]) -> tuple[list[Decoded], dict[int, Response]]:
         """Decode every request; failures become that request's error response."""
@@ -204,18 +256,30 @@ class Segmenter:
                 failed[index] = self.error_response(InternalError("the image could not be processed"), request)
         return decoded, failed
 
-    def inference(self, decoded: list[Decoded]) -> torch.Tensor | None:
-        if not decoded:
-            return None
-        return self.forward(torch.stack([d.tensor for d in decoded]))
+    def inference(self, decoded: list[Decoded]) -> list[Prediction]:
+        """One Prediction per decoded request: resized ones in one forward pass, tiled ones one by one."""
+        resized = [d for d in decoded if not d.tiled]
+        logits = iter(self.forward(torch.stack([d.tensor for d in resized])) if resized else [])
+        return [self._tiled(item) if item.tiled else Prediction(logits=next(logits)) for item in decoded]
 
-    def postprocess(self, decoded: list[Decoded], logits: torch.Tensor | None,
+    def _tiled(self, item: Decoded) -> Prediction:
+        try:
+            if item.options.format == "probs":
+                return Prediction(probs=self.tiled_probs(item.image, item.options.classes))
+            return Prediction(mask=self.tiled_mask(item.image))
+        except SegservError as error:
+            return Prediction(error=error)
+        except Exception:  # e.g. out of memory: this request fails, the batch goes on
+            logger.exception("request %d: unexpected error in tiled inference", item.index)
+            return Prediction(error=InternalError("the image could not be segmented"))
+
+    def postprocess(self, decoded: list[Decoded], predictions: list[Prediction],
                     failed: dict[int, Response], count: int) -> list[Response]:
         """One response per request, in request order."""
         responses: dict[int, Response] = dict(failed)
-        for row, item in enumerate(decoded):
+        for item, prediction in zip(decoded, predictions, strict=True):
             try:
-                responses[item.index] = self.encode(logits[row], item)
+                responses[item.index] = self.encode(prediction, item)
             except SegservError as error:
                 responses[item.index] = self.error_response(error, v2=item.v2)
             except Exception:
