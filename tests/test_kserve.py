@@ -90,7 +90,7 @@ def test_layout_has_what_kserve_reads(tmp_path, model_store):
     snapshot = json.loads(properties["model_snapshot"])
     entry = snapshot["models"][MODEL]["1.0"]
     assert entry["marName"] == f"{MODEL}.mar" and entry["minWorkers"] == entry["maxWorkers"] == 2
-    assert (entry["batchSize"], entry["maxBatchDelay"]) == (8, 20)  # from the archive's model-config.yaml
+    assert (entry["batchSize"], entry["maxBatchDelay"]) == (4, 5)  # from the archive's model-config.yaml
 
 
 @pytest.mark.integration
