@@ -24,8 +24,8 @@ help:
 	@echo "make train      retrain the default model into $(WEIGHTS) (~10 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png"
-	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (~10 min)"
-	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (~10 min)"
+	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (15+ min)"
+	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (15+ min)"
 	@echo "make lint       ruff and hadolint (Dockerfiles);  make fixup: ruff --fix + format"
 	@echo "make kserve-layout  kserve/config/config.properties + kserve/model-store/*.mar for KServe (docs/deploy.md)"
 
