@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -156,22 +157,17 @@ def lraspp_workload(store: Path, work: Path, config_path: Path, count: int, size
 
 def stock_archive(store: Path, work: Path, config_path: Path, weights: Path) -> Path:
     """TorchServe's own recipe: --model-file + --serialized-file + --handler image_segmenter."""
-    from model_archiver.model_packaging import generate_model_archive
-
     model_file = work / "stock_model.py"
     model_file.write_text(STOCK_MODEL_FILE)
     # Same workers, batching and timeouts as ours (TorchServe's keys, before `handler:`): only the handler differs.
     config = work / "stock-config.yaml"
     ours = config_path.read_text().split("\nhandler:")[0]
     config.write_text(ours)
-    argv = ["torch-model-archiver", "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
-            "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
-            "--config-file", str(config), "--force"]
-    saved, sys.argv = sys.argv, argv
-    try:
-        generate_model_archive()
-    finally:
-        sys.argv = saved
+    archiver = Path(sys.executable).parent / "torch-model-archiver"  # as segserve.build runs it
+    command = [str(archiver), "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
+               "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
+               "--config-file", str(config), "--force"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
     return store / "stock.mar"
 
 

@@ -48,6 +48,12 @@ def model_store(tmp_path_factory) -> Path:
     return store
 
 
+def miou(mask: np.ndarray, truth: np.ndarray) -> float:
+    """Mean IoU over the default model's 3 classes (a class absent from both counts as 0)."""
+    return np.mean([((mask == c) & (truth == c)).sum() / max(((mask == c) | (truth == c)).sum(), 1)
+                    for c in range(3)])
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_store):
     """One real TorchServe for the whole run: the archive built from model/, free loopback ports, token auth."""

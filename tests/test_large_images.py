@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import requests
-from conftest import MODEL, encode_image
+from conftest import MODEL, encode_image, miou
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -32,10 +32,6 @@ def ask(server, body: bytes, **fields) -> requests.Response:
     return requests.post(f"{server.inference_url}/predictions/{MODEL}", headers=server.headers(),
                          files={"data": ("scene.png", body, "image/png")}, data=fields, timeout=120)
 
-
-def miou(mask, truth):
-    return np.mean([((mask == c) & (truth == c)).sum() / max(((mask == c) | (truth == c)).sum(), 1)
-                    for c in range(3)])
 
 
 def test_large_image_is_tiled_by_default(server, reference, large_scene):

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import encode_image
+from conftest import encode_image, miou
 from PIL import Image
 
 from segserve.pipeline import Request
@@ -102,10 +102,6 @@ def test_an_image_that_fits_one_window_is_answered_exactly_as_untiled(reference,
                    for mode in (b"on", b"off")]
         assert answers[0].status == 200 and answers[0].body == answers[1].body
 
-
-def miou(mask, truth):
-    return np.mean([((mask == c) & (truth == c)).sum() / max(((mask == c) | (truth == c)).sum(), 1)
-                    for c in range(3)])
 
 
 def test_tiled_beats_downscaling_on_a_large_scene_at_native_scale(reference):

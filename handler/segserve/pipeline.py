@@ -174,10 +174,8 @@ class Segmenter:
                                 [image.size for image in resized]) if resized else [])
         return [self.tiled_mask(image) if t else next(masks) for image, t in zip(images, tiled, strict=True)]
 
-    def encode(self, prediction: Prediction | torch.Tensor, item: Decoded) -> Response:
-        """One request's answer in its format, from its prediction (or its logits (C, h, w))."""
-        if isinstance(prediction, torch.Tensor):
-            prediction = Prediction(logits=prediction)
+    def encode(self, prediction: Prediction, item: Decoded) -> Response:
+        """One request's answer in its format, from its prediction."""
         if prediction.error is not None:
             raise prediction.error
         options, config = item.options, self.config
@@ -212,7 +210,7 @@ class Segmenter:
                 "(max_response_bytes): ask for fewer classes (classes=...), send a smaller image, or use format=png")
 
     def _probs(self, prediction: Prediction, item: Decoded) -> Response:
-        self.check_response_size(item.options, item.width, item.height)
+        # The size was checked in decode_request, before any work.
         probs = prediction.probs
         if probs is None:
             channels = list(item.options.classes or range(self.config.num_classes))

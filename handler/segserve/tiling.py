@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import ServingConfig
-from .transforms import to_model_input
+from .transforms import logits_to_mask, to_model_input
 
 # MONAI's default for its Gaussian importance map: sigma = 1/8 of the window.
 SIGMA_SCALE = 0.125
@@ -126,7 +126,7 @@ def sliding_window_mask(image: Image.Image, forward: Forward, tile: tuple[int, i
     """uint8 class-index mask (height, width) of the whole image from blended windows."""
     mask = np.empty((image.height, image.width), np.uint8)
     for top, logits in blended_bands(image, forward, tile, overlap, batch, mean, std):
-        mask[top:top + logits.shape[1]] = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        mask[top:top + logits.shape[1]] = logits_to_mask(logits, logits.shape[1], logits.shape[2])
     return mask
 
 
