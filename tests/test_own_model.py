@@ -116,6 +116,21 @@ def test_torchscript_weights(tmp_path):
     assert config["model"]["arch"] == "torchscript"
 
 
+def test_torchvision_archs_default_to_photo_settings_and_whole_image_inference(tmp_path):
+    torch.manual_seed(0)
+    torch.save(build_model("lraspp_mobilenet_v3_large", 3).state_dict(), tmp_path / "w.pt")
+    mar = build("photos", MODEL_CONFIG, tmp_path / "w.pt", tmp_path / "store", arch="lraspp_mobilenet_v3_large",
+                classes=CLASSES)
+    config = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"]
+    assert config["input"]["size"] == [520, 520] and config["input"]["mean"] == [0.485, 0.456, 0.406]
+    # tile=auto must not cut a photo into windows: only images over the pixel limit (refused anyway) would be.
+    assert config["tiling"]["auto_above_pixels"] == config["limits"]["max_pixels"]
+    assert config["tiling"]["overlap"] == 0.25  # the rest of the base file's tiling section is kept
+    default = yaml.safe_load(zipfile.ZipFile(build("seg", MODEL_CONFIG, REPO / "model" / "segmenter.safetensors",
+                                                   tmp_path / "store")).read("model-config.yaml"))["handler"]
+    assert default["tiling"]["auto_above_pixels"] == 1048576
+
+
 def test_classes_from_files(tmp_path):
     from segserve.build import parse_classes
 

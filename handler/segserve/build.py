@@ -149,6 +149,8 @@ def make_config(base: Path, **overrides: Any) -> dict:
     for key in ("size", "mean", "std"):
         if overrides.get(key) is not None:
             inp[key] = overrides[key]
+    if overrides.get("tiling") is not None:
+        section["tiling"] = {**(section.get("tiling") or {}), **overrides["tiling"]}
     doc["handler"] = section
     return doc
 
@@ -181,16 +183,20 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     if (arch in TORCHVISION_ARCHS or arch == "custom") and arch != base.arch and classes is None:
         raise BuildError(f"--classes is needed with --arch {arch}: the default classes belong to the default "
                          "model (give names, e.g. --classes background,road,car, or a .json/.txt file)")
+    tiling = None
     if arch in TORCHVISION_ARCHS:
         input_size = input_size or [520, 520]
         mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+        # Photo models learn whole scenes resized to ~520 px: cutting a 1-12 Mpx photo into 520 px windows
+        # would show them fragments (and cost 5-40 forwards). tile=auto never tiles them; tile=on still can.
+        tiling = {"auto_above_pixels": base.limits.max_pixels}
     if arch in TORCHVISION_ARCHS and arch_params is None:
         # A checkpoint trained with aux_loss=True carries the auxiliary head: build it to match.
         probe = read_state_dict(weights)
         arch_params = {"aux_loss": any(k.startswith("aux_classifier.") for k in probe)}
     doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
                       weights=SCRIPT_FILE if scripted else STATE_FILE, classes=classes, size=input_size,
-                      mean=mean, std=std)
+                      mean=mean, std=std, tiling=tiling)
     try:
         config = ServingConfig.from_dict(doc["handler"])
     except ConfigError as exc:
