@@ -82,3 +82,21 @@ def test_draft_decoded_masks_agree_with_full_decoding(config):
         full = segmenter.predict([Image.open(__import__("io").BytesIO(data)).convert("RGB")])[0]
         assert mask.shape == full.shape == (768, 1024)
         assert (mask == full).mean() >= 0.995
+
+
+def test_compiled_model_gives_the_eager_masks(config, tmp_path):
+    from safetensors.torch import save_file
+
+    from segserve.models import build_model
+
+    # A small U-Net keeps the compile (inductor, C++ on CPU) to seconds.
+    torch.manual_seed(0)
+    tiny = dataclasses.replace(config, arch_params={"base_channels": 4, "depth": 2}, input_size=(64, 64),
+                               weights="tiny.safetensors")
+    save_file(build_model("unet", 3, base_channels=4, depth=2).state_dict(), str(tmp_path / "tiny.safetensors"))
+    eager = Segmenter.from_model_dir(tmp_path, config=tiny, warm_up=False)
+    compiled = Segmenter.from_model_dir(tmp_path, config=dataclasses.replace(tiny, compile=True))
+    assert compiled.model is not eager.model and hasattr(compiled.model, "_orig_mod")  # torch.compile's wrapper
+    images = [Image.fromarray(generate_scene(70 + i, (90, 120))[0]) for i in range(2)]
+    for a, b in zip(eager.predict(images), compiled.predict(images), strict=True):
+        assert (a == b).mean() >= 0.995

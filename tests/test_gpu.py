@@ -58,3 +58,28 @@ def test_cuda_tiled_masks_and_probs_agree_with_cpu(config):
     assert a.shape == b.shape == (700, 900) and (a == b).mean() >= 0.995
     probs, expected = gpu.tiled_probs(image, (1, 2)), cpu.tiled_probs(image, (1, 2))
     assert probs.shape == (2, 700, 900) and np.abs(probs.astype(np.float32) - expected).max() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_batch_decode_gives_the_cpu_masks(config, monkeypatch):
+    import io
+
+    from segserve.pipeline import Request
+
+    def jpeg(seed, size, orientation=1):
+        buffer, exif = io.BytesIO(), Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(generate_scene(seed, size)[0]).save(buffer, format="JPEG", quality=92, exif=exif)
+        return buffer.getvalue()
+
+    bodies = [jpeg(1, (384, 512)), jpeg(2, (768, 1024)), jpeg(3, (300, 411), orientation=6)]
+    requests = [Request({"body": body}, {"Accept": "image/png"}) for body in bodies]
+    cpu = Segmenter.from_model_dir(REPO / "model", config=config).handle_batch(requests)
+    gpu = Segmenter.from_model_dir(REPO / "model", config=config, device="cuda:0")
+    assert gpu.batch_decode  # decoder: auto on a GPU
+    monkeypatch.setattr("segserve.pipeline.decode.decode_for_model",
+                        lambda *a, **k: pytest.fail("nvJPEG batch fell back to Pillow"))
+    for a, b in zip(cpu, gpu.handle_batch(requests), strict=True):
+        assert a.status == b.status == 200
+        mask_a, mask_b = (np.asarray(Image.open(io.BytesIO(r.body))) for r in (a, b))
+        assert mask_a.shape == mask_b.shape and (mask_a == mask_b).mean() >= 0.995

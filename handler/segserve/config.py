@@ -66,6 +66,11 @@ class ServingConfig:
     # Forward-pass precision: auto = float16 autocast on CUDA, float32 on CPU (CPUs without bf16
     # units run half precision slower than float32).
     precision: str = "auto"
+    # Who decodes JPEGs for the model: auto = torchvision on the GPU (nvJPEG, one call per batch) when
+    # the worker has one, else Pillow; pillow or torchvision to force one (torchvision also runs on CPU).
+    decoder: str = "auto"
+    # torch.compile the model at load (slower start, faster forwards on GPU); off by default.
+    compile: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -142,10 +147,13 @@ class ServingConfig:
             threads=int(runtime.get("threads", 0) or 0),
             channels_last=_bool(runtime.get("channels_last", True), "handler.runtime.channels_last"),
             precision=_choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
+            decoder=_choice(runtime.get("decoder", "auto"), DECODERS, "handler.runtime.decoder"),
+            compile=_bool(runtime.get("compile", False), "handler.runtime.compile"),
         )
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DECODERS = ("auto", "pillow", "torchvision")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:

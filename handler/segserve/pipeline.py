@@ -28,7 +28,7 @@ from .config import ServingConfig
 from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
 from .models import load_model
 from .options import Options, parse_options
-from .transforms import logits_to_mask, to_model_input, upsample_logits
+from .transforms import logits_to_mask, tensor_to_model_input, to_model_input, upsample_logits
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class Decoded:
     image: Image.Image | None = None  # kept for tiling and for format=overlay
     tiled: bool = False
     v2: oip.V2Request | None = None  # an Open Inference Protocol v2 request, answered in v2 form
+    jpeg: bytes | None = None  # waiting for the batched torchvision decode (runtime.decoder), then tensor is set
+    orientation: int = 1  # the waiting JPEG's EXIF orientation
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Segmenter:
         self.config = config
         self.model = model
         self.device = torch.device(device)
+        # JPEGs for the model are decoded by torchvision in one call per batch (nvJPEG on a GPU).
+        self.batch_decode = config.decoder == "torchvision" or (config.decoder == "auto" and self.device.type == "cuda")
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: ServingConfig | None = None,
@@ -114,6 +118,10 @@ class Segmenter:
         model = load_model(config, model_dir / config.weights, device=device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if config.compile:
+            # Compiled on the first forward (the warm-up) and again per new batch size: minutes of startup
+            # on a small CPU, so raise startupTimeout with it. Measured slower than eager on CPU.
+            model = torch.compile(model)
         segmenter = cls(config, model, device)
         if warm_up:
             segmenter.warm_up()
@@ -229,6 +237,8 @@ class Segmenter:
         if options.format == "overlay":  # drawn over the full-resolution image
             image = decode.decode_image(data, limits)
             width, height = image.size
+        elif self.batch_decode and (jpeg := self._batch_decodable(index, data, options)) is not None:
+            return jpeg
         else:  # a large JPEG may be decoded smaller, unless it is to be tiled at its own scale
             image, width, height = decode.decode_for_model(
                 data, limits, self.config.input_size,
@@ -239,6 +249,16 @@ class Segmenter:
         return Decoded(index, self.preprocess_image(image), width, height, options,
                        image if options.format == "overlay" else None)
 
+    def _batch_decodable(self, index: int, data: bytes, options: Options) -> Decoded | None:
+        """A Decoded waiting for the batched torchvision decode, or None when Pillow should decode it:
+        not a JPEG, CMYK (torchvision's colours differ), or to be tiled (tiles are cut from a PIL image)."""
+        header = decode.probe(data, self.config.limits)
+        if header.format != "JPEG" or header.mode not in ("RGB", "L") or \
+                tiling.should_tile(header.width, header.height, options.tile, self.config):
+            return None
+        self.check_response_size(options, header.width, header.height)
+        return Decoded(index, None, header.width, header.height, options, jpeg=data, orientation=header.orientation)
+
     def preprocess(self, requests: list[Request]) -> tuple[list[Decoded], dict[int, Response]]:
         """Decode every request; failures become that request's error response."""
         decoded: list[Decoded] = []
@@ -247,17 +267,48 @@ class Segmenter:
             try:
                 decoded.append(self.decode_request(index, request))
             except SegservError as error:
-                logger.info("request %d refused: %s %s: %s", index, error.status, error.type, error.message)
-                failed[index] = self.error_response(error, request)
+                self._refused(index, error, request, failed)
             except Exception:  # a bug of ours must not take the batch down
                 logger.exception("request %d: unexpected error while decoding", index)
                 failed[index] = self.error_response(InternalError("the image could not be processed"), request)
+        pending = [item for item in decoded if item.jpeg is not None]
+        if pending:
+            for item in self._decode_jpegs(pending, requests, failed):
+                decoded.remove(item)
         return decoded, failed
+
+    def _decode_jpegs(self, pending: list[Decoded], requests: list[Request],
+                      failed: dict[int, Response]) -> list[Decoded]:
+        """Batched torchvision decode of the waiting JPEGs into model inputs on the model's device.
+        If the batch call fails, each image is decoded by Pillow alone; returns the ones that failed."""
+        config = self.config
+        try:
+            images = decode.decode_jpegs([item.jpeg for item in pending], [item.orientation for item in pending],
+                                         self.device)
+        except Exception:  # noqa: BLE001 - one bad JPEG fails torchvision's whole call: find it with Pillow
+            images = [None] * len(pending)
+        dropped = []
+        for item, pixels in zip(pending, images, strict=True):
+            try:
+                if pixels is None or tuple(pixels.shape[-2:]) != (item.height, item.width):
+                    image, _, _ = decode.decode_for_model(item.jpeg, config.limits, config.input_size)
+                    item.tensor = self.preprocess_image(image)
+                else:
+                    item.tensor = tensor_to_model_input(pixels, config.input_size, config.mean, config.std)
+            except SegservError as error:
+                self._refused(item.index, error, requests[item.index], failed)
+                dropped.append(item)
+            item.jpeg = None
+        return dropped
+
+    def _refused(self, index: int, error: SegservError, request: Request, failed: dict[int, Response]) -> None:
+        logger.info("request %d refused: %s %s: %s", index, error.status, error.type, error.message)
+        failed[index] = self.error_response(error, request)
 
     def inference(self, decoded: list[Decoded]) -> list[Prediction]:
         """One Prediction per decoded request: resized ones in one forward pass, tiled ones one by one."""
         resized = [d for d in decoded if not d.tiled]
-        logits = iter(self.forward(torch.stack([d.tensor for d in resized])) if resized else [])
+        logits = iter(self.forward(torch.stack([d.tensor.to(self.device) for d in resized])) if resized else [])
         return [self._tiled(item) if item.tiled else Prediction(logits=next(logits)) for item in decoded]
 
     def _tiled(self, item: Decoded) -> Prediction:

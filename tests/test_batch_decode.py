@@ -1,0 +1,122 @@
+"""Batched torchvision JPEG decoding (runtime.decoder; nvJPEG on a GPU) gives Pillow's answers.
+
+The decoder runs on the CPU here, so CI checks the same code path the GPU takes; tests/test_gpu.py
+repeats the agreement on CUDA where there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from segserve.config import ConfigError, ServingConfig
+from segserve.pipeline import Request, Segmenter
+from segserve.synthetic import generate_scene
+
+
+def jpeg(image: Image.Image, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92, **params)
+    return buffer.getvalue()
+
+
+def scene(seed: int, size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(generate_scene(seed, size)[0])
+
+
+@pytest.fixture(scope="module")
+def segmenters(config):
+    pillow = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, decoder="pillow"))
+    batched = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, decoder="torchvision"))
+    return pillow, batched
+
+
+def answers(segmenter: Segmenter, bodies: list[bytes]) -> list[tuple[int, np.ndarray | dict]]:
+    responses = segmenter.handle_batch([Request({"body": body}, {"Accept": "image/png"}) for body in bodies])
+    return [(r.status, np.asarray(Image.open(io.BytesIO(r.body))) if r.status == 200 else r.body)
+            for r in responses]
+
+
+def rotated(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6 and 8 are shown turned 90 degrees: the mask comes back 300 wide, 411 high
+    return jpeg(scene(5, (300, 411)), exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_does(orientation):
+    from PIL import ImageOps
+
+    from segserve.decode import upright
+
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    stored.info["exif"] = exif.tobytes()
+    shown = np.asarray(ImageOps.exif_transpose(stored))
+    mine = upright(torch.from_numpy(np.array(stored)).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert np.array_equal(mine, shown)
+
+
+def test_decoder_choice(config):
+    assert Segmenter(config, model=None).batch_decode is False  # auto on CPU: Pillow
+    assert Segmenter(config, model=None, device="cuda:0").batch_decode is True  # auto on a GPU: nvJPEG
+    assert Segmenter(dataclasses.replace(config, decoder="torchvision"), model=None).batch_decode is True
+    assert Segmenter(dataclasses.replace(config, decoder="pillow"), model=None, device="cuda:0").batch_decode is False
+    section = {"model": {"name": "m", "arch": "unet", "weights": "w"}, "input": {"size": 64},
+               "classes": ["a", "b"], "runtime": {"decoder": "nvjpeg"}}
+    with pytest.raises(ConfigError, match="handler.runtime.decoder must be one of auto, pillow, torchvision"):
+        ServingConfig.from_dict(section)
+
+
+def test_batched_jpeg_masks_agree_with_pillow(segmenters):
+    pillow, batched = segmenters
+    bodies = [jpeg(scene(20, (384, 512))), jpeg(scene(21, (768, 1024))),  # the second is draft-decoded by Pillow
+              jpeg(scene(22, (240, 200)).convert("L")), rotated(6), rotated(3), rotated(8), jpeg(scene(23, (97, 61)))]
+    expected, got = answers(pillow, bodies), answers(batched, bodies)
+    for (status_a, a), (status_b, b) in zip(expected, got, strict=True):
+        assert status_a == status_b == 200
+        assert a.shape == b.shape
+        assert (a == b).mean() >= 0.995
+    assert got[3][1].shape == got[5][1].shape == (411, 300) and got[4][1].shape == (300, 411)
+
+
+def test_a_bad_jpeg_fails_alone_and_other_formats_take_pillows_path(segmenters):
+    pillow, batched = segmenters
+    good = jpeg(scene(30, (384, 512)))
+    cmyk = jpeg(scene(31, (200, 240)).convert("CMYK"))
+    png = io.BytesIO()
+    scene(32, (150, 170)).save(png, format="PNG")
+    bodies = [good, good[: len(good) // 2], cmyk, png.getvalue(), b"\xff\xd8\xff\xe0 not a jpeg", good]
+    expected, got = answers(pillow, bodies), answers(batched, bodies)
+    assert [s for s, _ in got] == [s for s, _ in expected] == [200, 400, 200, 200, 400, 200]
+    for (status, a), (_, b) in zip(expected, got, strict=True):
+        if status == 200:
+            assert (a == b).mean() >= 0.995
+        else:
+            assert a == b  # the same JSON error, word for word
+
+
+def test_model_inputs_are_made_by_torchvision_on_the_models_device(segmenters, monkeypatch):
+    pillow, batched = segmenters
+    bodies = [jpeg(scene(40, (300, 400))), rotated(6), rotated(7)]
+    expected, _ = pillow.preprocess([Request({"body": body}) for body in bodies])
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the batch fell back to Pillow")
+
+    monkeypatch.setattr("segserve.pipeline.decode.decode_for_model", no_fallback)
+    decoded, failed = batched.preprocess([Request({"body": body}) for body in bodies])
+    assert not failed and [d.jpeg for d in decoded] == [None] * 3
+    for mine, theirs in zip(decoded, expected, strict=True):
+        assert (mine.width, mine.height) == (theirs.width, theirs.height)
+        assert mine.tensor.shape == (3, 256, 256) and mine.tensor.dtype == torch.float32
+        assert mine.tensor.device == batched.device
+        # Two JPEG decoders and two antialiased resizes: within a few grey levels (std 0.25 -> 1 level = 0.016).
+        assert (mine.tensor - theirs.tensor).abs().mean() < 0.05
