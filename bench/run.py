@@ -3,11 +3,13 @@
 One run, same images, same concurrency levels; ratios are taken within the run, so they hold on the
 machine that ran them. Results: bench/results/<name>.json and .png, and a table on stdout.
 
-    python bench/run.py                       # CPU, default model + lraspp_mobilenet_v3_large
+    python bench/run.py                       # CPU: default model + lraspp_mobilenet_v3_large
     python bench/run.py --quick               # a smoke run (a few requests per level)
     python bench/run.py --workloads lraspp --concurrency 1,4,16 --requests 64
+    python bench/run.py --batch-size 32 --batch-delay 10    # with CUDA: deeplabv3_mobilenet_v3_large, 512 px
 
 Contenders:
+  forward   the model alone: forward passes of ready-made input batches of the same size (GPU default)
   raw       the served archive's own model and config, `Segmenter.handle_batch` called in a loop in this
             process with batches of min(clients, batchSize): the same decode/forward/encode, no HTTP
   segserve  TorchServe + our handler, PNG masks (`Accept: image/png`), N concurrent HTTP clients
@@ -56,17 +58,20 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "train", "tvmonitor"]
 STOCK_MODEL_FILE = '''
 import torch
-from torchvision.models.segmentation import lraspp_mobilenet_v3_large
-from torchvision.models.segmentation.lraspp import LRASPP
+from torchvision.models.segmentation import {builder}
+from torchvision.models.segmentation.{module} import {cls}
 
 
-class StockLRASPP(LRASPP):
-    """torchvision's LR-ASPP, 21 classes: TorchServe's model-file recipe needs a no-argument class."""
+class StockModel({cls}):
+    """torchvision's {builder}, 21 classes: TorchServe's model-file recipe needs a no-argument class."""
 
     def __init__(self):
         torch.nn.Module.__init__(self)
-        self.__dict__.update(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21).__dict__)
+        self.__dict__.update({builder}(weights=None, weights_backbone=None, num_classes=21).__dict__)
 '''
+# The photo workloads: torchvision architectures on 1280x960 JPEG photos, against TorchServe's own handler.
+PHOTO_ARCHS = {"lraspp": ("lraspp_mobilenet_v3_large", "lraspp", "LRASPP"),
+               "deeplabv3": ("deeplabv3_mobilenet_v3_large", "deeplabv3", "DeepLabV3")}
 
 
 @dataclass
@@ -140,40 +145,43 @@ def default_workload(store: Path, config_path: Path, count: int) -> Workload:
                     description="default U-Net (256 px input), generated 512x384 microscopy scenes, PNG")
 
 
-def lraspp_workload(store: Path, work: Path, config_path: Path, count: int, size: int) -> Workload:
+def photo_workload(name: str, store: Path, work: Path, config_path: Path, count: int, size: int) -> Workload:
+    """A torchvision architecture (random weights, 21 VOC classes) on generated 1280x960 JPEG photos."""
+    from segserve.models import build_model
+
+    builder = PHOTO_ARCHS[name][0]
     torch.manual_seed(0)
-    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
-
-    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES)).eval()
-    weights = work / "lraspp.pt"
-    torch.save(model.state_dict(), weights)
-    archive = build("lraspp", config_path, weights, store, arch="lraspp_mobilenet_v3_large",
-                    classes=VOC_CLASSES, input_size=[size, size])
+    weights = work / f"{name}.pt"
+    torch.save(build_model(builder, len(VOC_CLASSES)).state_dict(), weights)
+    archive = build(name, config_path, weights, store, arch=builder, classes=VOC_CLASSES, input_size=[size, size])
     images = [photo_jpeg(seed) for seed in range(count)]
-    return Workload("lraspp", images, "image/jpeg", archive,
-                    stock_archive=stock_archive(store, work, config_path, weights),
-                    description=f"lraspp_mobilenet_v3_large (21 classes, {size} px input), 1280x960 JPEG photos")
+    return Workload(name, images, "image/jpeg", archive,
+                    stock_archive=stock_archive(name, store, work, config_path, weights),
+                    description=f"{builder} (21 classes, {size} px input), 1280x960 JPEG photos")
 
 
-def stock_archive(store: Path, work: Path, config_path: Path, weights: Path) -> Path:
+def stock_archive(name: str, store: Path, work: Path, config_path: Path, weights: Path) -> Path:
     """TorchServe's own recipe: --model-file + --serialized-file + --handler image_segmenter."""
-    model_file = work / "stock_model.py"
-    model_file.write_text(STOCK_MODEL_FILE)
+    builder, module, cls = PHOTO_ARCHS[name]
+    model_file = work / f"stock_{name}" / "stock_model.py"
+    model_file.parent.mkdir()
+    model_file.write_text(STOCK_MODEL_FILE.format(builder=builder, module=module, cls=cls))
     # Same workers, batching and timeouts as ours (TorchServe's keys, before `handler:`): only the handler differs.
     config = work / "stock-config.yaml"
     ours = config_path.read_text().split("\nhandler:")[0]
     config.write_text(ours)
     archiver = Path(sys.executable).parent / "torch-model-archiver"  # as segserve.build runs it
-    command = [str(archiver), "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
+    command = [str(archiver), "--model-name", f"stock-{name}", "--version", "1.0", "--model-file", str(model_file),
                "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
                "--config-file", str(config), "--force"]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    return store / "stock.mar"
+    return store / f"stock-{name}.mar"
 
 
 # -- contenders ---------------------------------------------------------------------------------
 def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept: str = "image/png") -> Result:
-    """The ceiling: the archive's model and code in this process, batches as TorchServe would form them."""
+    """The ceiling: the archive's model and code in this process, batches as TorchServe would form them
+    (on the GPU where there is one, as a served worker would be)."""
     segmenter, served_batch = load_raw(workload, work)
     batch_size = min(concurrency, served_batch)
     headers = {"Accept": accept, "body": {"content-type": workload.content_type}}
@@ -184,7 +192,7 @@ def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept
     started = time.perf_counter()
     for start in range(0, count, batch_size):
         batch_started = time.perf_counter()
-        responses = segmenter.handle_batch(requests_[start:start + batch_size])
+        responses = segmenter.handle_batch(requests_[start:start + batch_size])  # ends with masks on the CPU
         elapsed = time.perf_counter() - batch_started
         for response in responses:
             latencies.append(elapsed)
@@ -195,7 +203,33 @@ def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept
     return summarize(workload.name, "raw", concurrency, latencies, seconds, sizes, rss, errors)
 
 
+def run_forward(workload: Workload, work: Path, concurrency: int, count: int) -> Result:
+    """The model alone: forward passes on ready-made input batches on the device, no decode, mask or encode."""
+    segmenter, served_batch = load_raw(workload, work)
+    batch_size = min(concurrency, served_batch)
+    height, width = segmenter.config.input_size
+    batch = torch.randn(batch_size, 3, height, width, device=segmenter.device)
+    for _ in range(2):  # warm-up: kernels, autotuning
+        segmenter.forward(batch)
+    synchronize(segmenter.device)
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(0, count, batch_size):
+        batch_started = time.perf_counter()
+        segmenter.forward(batch)
+        synchronize(segmenter.device)
+        latencies += [time.perf_counter() - batch_started] * batch_size
+    seconds = time.perf_counter() - started
+    return summarize(workload.name, "forward", concurrency, latencies, seconds, [], None, 0)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 _RAW: dict[str, tuple[Segmenter, int]] = {}
+DEVICE = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 DEFAULT_THREADS = torch.get_num_threads()
 
 
@@ -208,7 +242,7 @@ def load_raw(workload: Workload, work: Path) -> tuple[Segmenter, int]:
         with zipfile.ZipFile(workload.archive) as archive:
             archive.extractall(target)
         batch_size = int(yaml.safe_load((target / "model-config.yaml").read_text()).get("batchSize", 1))
-        _RAW[workload.name] = Segmenter.from_model_dir(target), batch_size
+        _RAW[workload.name] = Segmenter.from_model_dir(target, device=DEVICE), batch_size
         # The ceiling is one process using every core, whatever a served worker is tuned to.
         torch.set_num_threads(DEFAULT_THREADS)
     return _RAW[workload.name]
@@ -306,10 +340,12 @@ def ratios(results: list[Result]) -> list[dict]:
         raw = index.get((r.workload, "raw", r.concurrency))
         raw1 = index.get((r.workload, "raw", 1))
         stock = index.get((r.workload, "stock", r.concurrency))
+        forward = index.get((r.workload, "forward", r.concurrency))
         rows.append({
             "workload": r.workload, "concurrency": r.concurrency,
             "throughput_vs_raw": r.images_per_s / raw.images_per_s if raw else None,
             "throughput_vs_stock": r.images_per_s / stock.images_per_s if stock else None,
+            "throughput_vs_forward": r.images_per_s / forward.images_per_s if forward else None,
             "bytes_vs_stock": r.response_bytes / stock.response_bytes if stock else None,
             "p50_vs_raw_single": r.p50_ms / raw1.p50_ms if raw1 and r.concurrency == 1 else None,
         })
@@ -322,12 +358,12 @@ def ratio_table(rows: list[dict]) -> str:
             return f"{'-':>10}"
         return f"{value * 100:9.2f}%" if pct else f"{value:9.2f}x"
 
-    lines = [f"{'workload':<10} {'clients':>7} {'vs raw':>10} {'vs stock':>10} {'bytes/stock':>11} "
-             f"{'p50/raw(1)':>10}"]
+    lines = [f"{'workload':<10} {'clients':>7} {'vs raw':>10} {'vs stock':>10} {'vs forward':>10} "
+             f"{'bytes/stock':>11} {'p50/raw(1)':>10}"]
     for row in rows:
         lines.append(f"{row['workload']:<10} {row['concurrency']:>7} {fmt(row['throughput_vs_raw'])} "
-                     f"{fmt(row['throughput_vs_stock'])} {fmt(row['bytes_vs_stock'], pct=True):>11} "
-                     f"{fmt(row['p50_vs_raw_single'])}")
+                     f"{fmt(row['throughput_vs_stock'])} {fmt(row.get('throughput_vs_forward'))} "
+                     f"{fmt(row['bytes_vs_stock'], pct=True):>11} {fmt(row['p50_vs_raw_single'])}")
     return "\n".join(lines)
 
 
@@ -340,7 +376,7 @@ def plot(results: list[Result], path: Path) -> None:
     workloads = sorted({r.workload for r in results})
     fig, axes = plt.subplots(2, len(workloads), figsize=(5.5 * len(workloads), 7), squeeze=False)
     for column, workload in enumerate(workloads):
-        for contender, style in (("raw", "k--"), ("segserve", "g-o"), ("stock", "r-s")):
+        for contender, style in (("forward", "b:"), ("raw", "k--"), ("segserve", "g-o"), ("stock", "r-s")):
             rows = sorted((r for r in results if r.workload == workload and r.contender == contender),
                           key=lambda r: r.concurrency)
             if not rows:
@@ -370,28 +406,36 @@ def machine() -> dict:
 # -- main -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="segmenter,lraspp", help="segmenter, lraspp (comma-separated)")
-    parser.add_argument("--contenders", default="raw,segserve,stock")
-    parser.add_argument("--concurrency", default=None, help="client counts, comma-separated (default 1,4,16)")
+    parser.add_argument("--workloads", default="segmenter,lraspp",
+                        help="segmenter, lraspp, deeplabv3 (comma-separated; GPU default: deeplabv3)")
+    parser.add_argument("--contenders", default="raw,segserve,stock",
+                        help="forward, raw, segserve, stock (GPU default: all four)")
+    parser.add_argument("--concurrency", default=None,
+                        help="client counts, comma-separated (default 1,4,16; on a GPU 1,16,64)")
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default 48)")
     parser.add_argument("--images", type=int, default=8, help="distinct images per workload")
     parser.add_argument("--lraspp-size", type=int, default=520, help="LR-ASPP input size (px)")
+    parser.add_argument("--deeplabv3-size", type=int, default=512, help="DeepLabV3 input size (px)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 images, 6 requests per level, clients 1,4")
     parser.add_argument("--workers", type=int, default=None, help="TorchServe workers (default: model-config's)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (0 = torch's)")
     parser.add_argument("--batch-size", type=int, default=None, help="TorchServe batchSize (default: model-config's)")
     parser.add_argument("--batch-delay", type=int, default=None, help="TorchServe maxBatchDelay ms")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
-    parser.add_argument("--name", default="cpu", help="results file stem (default: cpu)")
+    parser.add_argument("--name", default=DEVICE.type if DEVICE.type == "cpu" else "gpu",
+                        help="results file stem (default: cpu, or gpu where CUDA is)")
+    gpu = DEVICE.type == "cuda"
+    parser.set_defaults(workloads="deeplabv3" if gpu else "segmenter,lraspp",
+                        contenders="forward,raw,segserve,stock" if gpu else "raw,segserve,stock")
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 2
     args.requests = args.requests or (6 if args.quick else 48)
-    args.concurrency = args.concurrency or ("1,4" if args.quick else "1,4,16")
+    args.concurrency = args.concurrency or ("1,4" if args.quick else "1,16,64" if gpu else "1,4,16")
     levels = [int(c) for c in args.concurrency.split(",")]
     contenders = args.contenders.split(",")
     names = args.workloads.split(",")
-    unknown = set(names) - {"segmenter", "lraspp"} | set(contenders) - {"raw", "segserve", "stock"}
+    unknown = set(names) - {"segmenter", *PHOTO_ARCHS} | set(contenders) - {"forward", "raw", "segserve", "stock"}
     if unknown:
         parser.error(f"unknown workload or contender: {', '.join(sorted(unknown))}")
 
@@ -406,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         workloads = []
         if "segmenter" in names:
             workloads.append(default_workload(store, config_path, args.images))
-        if "lraspp" in names:
-            workloads.append(lraspp_workload(store, work, config_path, args.images, args.lraspp_size))
+        sizes = {"lraspp": args.lraspp_size, "deeplabv3": args.deeplabv3_size}
+        workloads += [photo_workload(name, store, work, config_path, args.images, sizes[name])
+                      for name in PHOTO_ARCHS if name in names]
         plan = [(w, c, level) for w in workloads for c in contenders for level in levels
                 if c != "stock" or w.stock_archive]
         bar = tqdm(total=len(plan), desc="benchmark", unit="level")
@@ -418,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     if contender == "stock" and not workload.stock_archive:
                         continue
                     server = None
-                    if contender != "raw":
+                    if contender in ("segserve", "stock"):
                         # One server at a time: contenders never share the CPU with each other.
-                        model = "stock" if contender == "stock" else workload.name
+                        model = f"stock-{workload.name}" if contender == "stock" else workload.name
                         archive = workload.stock_archive if contender == "stock" else workload.archive
                         bar.set_description(f"starting TorchServe ({model})")
                         server = servers[model] = start_server(work / model, store, (f"{model}={archive.name}",))
@@ -428,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                         bar.set_description(f"{workload.name} {contender} x{level}")
                         if contender == "raw":
                             result = run_raw(workload, work, level, args.requests)
+                        elif contender == "forward":
+                            result = run_forward(workload, work, level, args.requests)
                         else:
                             headers = {} if contender == "stock" else {"Accept": "image/png"}
                             result = run_http(server, model, workload, contender, level, args.requests, headers)
