@@ -276,8 +276,13 @@ class Segmenter:
         resized = [d for d in decoded if not d.tiled]
         logits = iter([])
         if resized:
-            with self.metrics.time("forward"):
-                logits = iter(self.forward(torch.stack([d.tensor for d in resized])))
+            try:
+                with self.metrics.time("forward"):
+                    logits = iter(self.forward(torch.stack([d.tensor for d in resized])))
+            except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
+                logger.error("forward pass failed for requests %s: %s: %s",
+                             ", ".join(request_name(d.request_id, d.index) for d in resized), type(exc).__name__, exc)
+                raise
         return [self._tiled(item) if item.tiled else Prediction(logits=next(logits)) for item in decoded]
 
     def _tiled(self, item: Decoded) -> Prediction:
