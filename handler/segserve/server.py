@@ -224,6 +224,7 @@ class TorchServe:
             f.seek(start)
             text = f.read().decode(errors="replace")
         if "Traceback (most recent call last)" in text and "in initialize" in text:
+            _wait_until_still(log)  # the traceback is still being written: let its last line (the error) in
             raise ServerError(f"a worker of {model!r} failed while loading the model (TorchServe will keep "
                               f"restarting it).\nWorker log ({log}):\n{self.log_tail('model_log.log', 40)}")
 
@@ -287,6 +288,18 @@ def stop_process_group(pid: int, timeout: float = 30) -> bool:
     except ProcessLookupError:
         pass
     return True
+
+
+def _wait_until_still(path: Path, quiet: float = 0.5, timeout: float = 5) -> None:
+    """Return once the file has not grown for `quiet` seconds (or after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    size = path.stat().st_size
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = path.stat().st_size
+        if now == size:
+            return
+        size = now
 
 
 def _port_free(host: str, port: int) -> bool:
