@@ -144,3 +144,16 @@ def test_metrics_port_serves_our_series_with_the_counts_sent(server):
         assert 0 < seconds < 120, (stage, seconds)  # plausible: positive, and no stage near the timeout
     # A histogram: cumulative buckets up to +Inf, which holds every observation.
     assert d("segserve_stage_seconds_bucket", stage="decode", le="+Inf") == sent
+
+
+def test_a_failing_forward_pass_is_counted_for_each_request_of_the_batch(config):
+    class Broken(ChannelArgmax):
+        def forward(self, x):
+            raise RuntimeError("out of memory")
+
+    recorded = Recorded()
+    segmenter = Segmenter(config, Broken().eval(), metrics=Metrics(recorded.sink))
+    with pytest.raises(RuntimeError):  # TorchServe answers the batch 503
+        segmenter.handle_batch([Request({"body": encode_image(random_image(8, 8))})] * 3)
+    assert recorded.total(ERRORS, type="prediction_failed", status="503") == 3
+    assert recorded.count(STAGE_SECONDS, stage="forward") == 1

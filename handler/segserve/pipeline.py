@@ -282,6 +282,8 @@ class Segmenter:
             except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
                 logger.error("forward pass failed for requests %s: %s: %s",
                              ", ".join(request_name(d.request_id, d.index) for d in resized), type(exc).__name__, exc)
+                for item in resized:
+                    self.metrics.failed("prediction_failed", 503, item.index)
                 raise
         return [self._tiled(item) if item.tiled else Prediction(logits=next(logits)) for item in decoded]
 
