@@ -12,6 +12,7 @@ import logging
 from ts.torch_handler.base_handler import BaseHandler
 
 from segserve.config import ServingConfig
+from segserve.metrics import Metrics, torchserve_sink
 from segserve.pipeline import Request, Segmenter, log_batch, pick_device
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,15 @@ class SegmenterHandler(BaseHandler):
             raise RuntimeError("model-config.yaml has no `handler:` section; rebuild the archive with build_mar.sh")
         config = ServingConfig.from_dict(section)
         self.segmenter = Segmenter.from_model_dir(properties["model_dir"], config=config, device=self.device)
+        if context.metrics is not None:  # served on the metrics port (segserve.metrics)
+            self.segmenter.metrics = Metrics(torchserve_sink(context.metrics))
         logger.info("segserve: %s %s (%s, %d classes) ready on %s", config.name, config.version, config.arch,
                     config.num_classes, self.device)
         self.initialized = True
 
     def preprocess(self, data):
-        requests = [Request(inputs=item, headers=self.context.get_all_request_header(i) or {})
-                    for i, item in enumerate(data)]
+        requests = [Request(inputs=item, headers=self.context.get_all_request_header(i) or {},
+                            id=self.context.get_request_id(i)) for i, item in enumerate(data)]
         return self.segmenter.preprocess(requests), len(requests)
 
     def inference(self, data, *args, **kwargs):

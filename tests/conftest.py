@@ -74,3 +74,25 @@ def server(tmp_path_factory, model_store):
 def reference(config):
     """The in-process pipeline on the same weights: what the server must answer."""
     return Segmenter.from_model_dir(REPO / "model", config=config)
+
+
+@pytest.fixture(scope="session")
+def ops_server(tmp_path_factory):
+    """A TorchServe as docs/operations.md turns it for management: the model API on (TS_ENABLE_MODEL_API=true),
+    versions 1.0 and 2.0 of the default model loaded from their own archives. Its own, since its tests
+    register, unregister and rotate keys."""
+    root = tmp_path_factory.mktemp("ops")
+    store = root / "model-store"
+    weights = REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights
+    for version in ("1.0", "2.0"):
+        build(MODEL, MODEL_CONFIG, weights, store, version=version, archive_name=f"{MODEL}-{version}")
+    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
+                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
+                    models=(f"{MODEL}-1.0.mar", f"{MODEL}-2.0.mar"), extra_properties=(("enable_model_api", "true"),))
+    ts.start()
+    try:
+        for version in ("1.0", "2.0"):
+            ts.wait_ready(f"{MODEL}/{version}", timeout=240)
+        yield ts
+    finally:
+        ts.stop()

@@ -23,12 +23,12 @@ DOC = REPO / "docs" / "api.md"
 BLOCK = re.compile(r"<!-- test:(?P<spec>.*?)-->\s*\n```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 
 
-def examples():
+def examples(doc: Path = DOC):
     found = []
-    for match in BLOCK.finditer(DOC.read_text()):
+    for match in BLOCK.finditer(doc.read_text()):
         expected = [part.strip() for part in re.split(r"\s*stdout-contains=", match["spec"])[1:]]
-        line = DOC.read_text()[: match.start()].count("\n") + 1
-        found.append(pytest.param(match["lang"], match["code"], expected, id=f"api.md:{line}:{match['lang']}"))
+        line = doc.read_text()[: match.start()].count("\n") + 1
+        found.append(pytest.param(match["lang"], match["code"], expected, id=f"{doc.name}:{line}:{match['lang']}"))
     return found
 
 

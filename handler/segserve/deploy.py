@@ -43,6 +43,7 @@ enable_model_api=false
 allowed_urls=file://.*\\\\.mar
 install_py_dep_per_model=false
 metrics_mode=prometheus
+model_metrics_auto_detect=true
 max_request_size=26214400
 max_response_size=104857600
 default_response_timeout=120

@@ -26,6 +26,7 @@ from torch import nn
 from . import decode, encode, oip, tiling
 from .config import ServingConfig
 from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
+from .metrics import Metrics
 from .models import load_model
 from .options import Options, parse_options
 from .transforms import logits_to_mask, tensor_to_model_input, to_model_input, upsample_logits
@@ -39,6 +40,7 @@ class Request:
 
     inputs: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    id: str | None = None  # TorchServe's request id (the x-request-id response header), for the logs
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Decoded:
     image: Image.Image | None = None  # kept for tiling and for format=overlay
     tiled: bool = False
     v2: oip.V2Request | None = None  # an Open Inference Protocol v2 request, answered in v2 form
+    request_id: str | None = None
     jpeg: bytes | None = None  # waiting for the batched torchvision decode (runtime.decoder), then tensor is set
     orientation: int = 1  # the waiting JPEG's EXIF orientation
 
@@ -100,10 +103,12 @@ def content_types(headers: dict[str, Any]) -> dict[str, str]:
 class Segmenter:
     """A loaded model with its serving config: the in-process pipeline the handler wraps."""
 
-    def __init__(self, config: ServingConfig, model: nn.Module, device: torch.device | str = "cpu"):
+    def __init__(self, config: ServingConfig, model: nn.Module, device: torch.device | str = "cpu",
+                 metrics: Metrics | None = None):
         self.config = config
         self.model = model
         self.device = torch.device(device)
+        self.metrics = metrics or Metrics()  # stage times, images, errors (segserve.metrics); none by default
         # JPEGs for the model are decoded by torchvision in one call per batch (nvJPEG on a GPU).
         self.batch_decode = config.decoder == "torchvision" or (config.decoder == "auto" and self.device.type == "cuda")
 
@@ -228,9 +233,21 @@ class Segmenter:
 
     # -- the batch, request by request ------------------------------------------------------
     def decode_request(self, index: int, request: Request) -> Decoded:
+        with self.metrics.time("decode", index):
+            decoded = self._decode(index, request)
+        decoded.request_id = request.id
+        if not decoded.tiled and decoded.jpeg is None:  # waiting JPEGs are decoded and resized as a batch
+            with self.metrics.time("preprocess", index):
+                decoded.tensor = self.preprocess_image(decoded.image)
+            if decoded.options.format != "overlay":
+                decoded.image = None  # only overlay draws over the image; let it go
+        return decoded
+
+    def _decode(self, index: int, request: Request) -> Decoded:
+        """Bytes -> image and options; the model input (tensor) is left to decode_request."""
         if oip.is_v2(request.inputs, request.headers):
             v2 = oip.parse(request.inputs, request.headers, self.config)
-            return Decoded(index, self.preprocess_image(v2.image), v2.image.width, v2.image.height, Options(), v2=v2)
+            return Decoded(index, None, v2.image.width, v2.image.height, Options(), v2.image, v2=v2)
         options = parse_options(request.inputs, request.headers, self.config)
         data = decode.extract_image_bytes(request.inputs, content_types(request.headers))
         limits = self.config.limits
@@ -246,8 +263,7 @@ class Segmenter:
         self.check_response_size(options, width, height)
         if tiling.should_tile(width, height, options.tile, self.config):
             return Decoded(index, None, width, height, options, image, tiled=True)
-        return Decoded(index, self.preprocess_image(image), width, height, options,
-                       image if options.format == "overlay" else None)
+        return Decoded(index, None, width, height, options, image)
 
     def _batch_decodable(self, index: int, data: bytes, options: Options) -> Decoded | None:
         """A Decoded waiting for the batched torchvision decode, or None when Pillow should decode it:
@@ -269,7 +285,7 @@ class Segmenter:
             except SegservError as error:
                 self._refused(index, error, request, failed)
             except Exception:  # a bug of ours must not take the batch down
-                logger.exception("request %d: unexpected error while decoding", index)
+                logger.exception("request %s: unexpected error while decoding", request_name(request.id, index))
                 failed[index] = self.error_response(InternalError("the image could not be processed"), request)
         pending = [item for item in decoded if item.jpeg is not None]
         if pending:
@@ -283,18 +299,21 @@ class Segmenter:
         If the batch call fails, each image is decoded by Pillow alone; returns the ones that failed."""
         config = self.config
         try:
-            images = decode.decode_jpegs([item.jpeg for item in pending], [item.orientation for item in pending],
-                                         self.device)
+            with self.metrics.time("decode"):
+                images = decode.decode_jpegs([item.jpeg for item in pending], [item.orientation for item in pending],
+                                             self.device)
         except Exception:  # noqa: BLE001 - one bad JPEG fails torchvision's whole call: find it with Pillow
             images = [None] * len(pending)
         dropped = []
         for item, pixels in zip(pending, images, strict=True):
             try:
                 if pixels is None or tuple(pixels.shape[-2:]) != (item.height, item.width):
-                    image, _, _ = decode.decode_for_model(item.jpeg, config.limits, config.input_size)
-                    item.tensor = self.preprocess_image(image)
-                else:
-                    item.tensor = tensor_to_model_input(pixels, config.input_size, config.mean, config.std)
+                    with self.metrics.time("decode", item.index):
+                        image, _, _ = decode.decode_for_model(item.jpeg, config.limits, config.input_size)
+                    pixels = image
+                with self.metrics.time("preprocess", item.index):
+                    item.tensor = (self.preprocess_image(pixels) if isinstance(pixels, Image.Image) else
+                                   tensor_to_model_input(pixels, config.input_size, config.mean, config.std))
             except SegservError as error:
                 self._refused(item.index, error, requests[item.index], failed)
                 dropped.append(item)
@@ -302,24 +321,37 @@ class Segmenter:
         return dropped
 
     def _refused(self, index: int, error: SegservError, request: Request, failed: dict[int, Response]) -> None:
-        logger.info("request %d refused: %s %s: %s", index, error.status, error.type, error.message)
+        logger.info("request %s refused: %s %s: %s", request_name(request.id, index), error.status, error.type,
+                    error.message)
         failed[index] = self.error_response(error, request)
 
     def inference(self, decoded: list[Decoded]) -> list[Prediction]:
         """One Prediction per decoded request: resized ones in one forward pass, tiled ones one by one."""
         resized = [d for d in decoded if not d.tiled]
-        logits = iter(self.forward(torch.stack([d.tensor.to(self.device) for d in resized])) if resized else [])
+        logits = iter([])
+        if resized:
+            try:
+                with self.metrics.time("forward"):
+                    logits = iter(self.forward(torch.stack([d.tensor.to(self.device) for d in resized])))
+            except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
+                logger.error("forward pass failed for requests %s: %s: %s",
+                             ", ".join(request_name(d.request_id, d.index) for d in resized), type(exc).__name__, exc)
+                for item in resized:
+                    self.metrics.failed("prediction_failed", 503, item.index)
+                raise
         return [self._tiled(item) if item.tiled else Prediction(logits=next(logits)) for item in decoded]
 
     def _tiled(self, item: Decoded) -> Prediction:
         try:
-            if item.options.format == "probs":
-                return Prediction(probs=self.tiled_probs(item.image, item.options.classes))
-            return Prediction(mask=self.tiled_mask(item.image))
+            with self.metrics.time("forward", item.index):
+                if item.options.format == "probs":
+                    return Prediction(probs=self.tiled_probs(item.image, item.options.classes))
+                return Prediction(mask=self.tiled_mask(item.image))
         except SegservError as error:
             return Prediction(error=error)
         except Exception:  # e.g. out of memory: this request fails, the batch goes on
-            logger.exception("request %d: unexpected error in tiled inference", item.index)
+            logger.exception("request %s: unexpected error in tiled inference",
+                             request_name(item.request_id, item.index))
             return Prediction(error=InternalError("the image could not be segmented"))
 
     def postprocess(self, decoded: list[Decoded], predictions: list[Prediction],
@@ -328,12 +360,20 @@ class Segmenter:
         responses: dict[int, Response] = dict(failed)
         for item, prediction in zip(decoded, predictions, strict=True):
             try:
-                responses[item.index] = self.encode(prediction, item)
+                with self.metrics.time("encode", item.index):
+                    responses[item.index] = self.encode(prediction, item)
+                self.metrics.answered(item.width, item.height, item.index)
             except SegservError as error:
+                logger.info("request %s failed: %s %s: %s", request_name(item.request_id, item.index),
+                            error.status, error.type, error.message)
                 responses[item.index] = self.error_response(error, v2=item.v2)
             except Exception:
-                logger.exception("request %d: unexpected error while encoding the mask", item.index)
+                logger.exception("request %s: unexpected error while encoding the mask",
+                                 request_name(item.request_id, item.index))
                 responses[item.index] = self.error_response(InternalError("the mask could not be encoded"), v2=item.v2)
+        for index, response in responses.items():
+            if response.status >= 400:
+                self.metrics.failed(response.error_type or "unknown", response.status, index)
         return [responses[i] for i in range(count)]
 
     @staticmethod
@@ -348,6 +388,11 @@ class Segmenter:
     def handle_batch(self, requests: list[Request]) -> list[Response]:
         decoded, failed = self.preprocess(requests)
         return self.postprocess(decoded, self.inference(decoded), failed, len(requests))
+
+
+def request_name(request_id: str | None, index: int) -> str:
+    """How logs name a request: TorchServe's request id (the client sees it as x-request-id), else its slot."""
+    return request_id if request_id else f"#{index} of the batch"
 
 
 def log_batch(responses: list[Response]) -> None:

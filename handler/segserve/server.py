@@ -80,18 +80,29 @@ class TorchServe:
     host: str = "127.0.0.1"
     models: tuple[str, ...] = ()
     extra_properties: tuple[tuple[str, str], ...] = ()
+    # (certificate, private key) PEM files: all three HTTP APIs speak HTTPS only (docs/operations.md, TLS).
+    tls: tuple[Path, Path] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def verify(self) -> str | bool:
+        """What `requests` checks the server's certificate against: the certificate itself (self-signed)."""
+        return str(Path(self.tls[0]).resolve()) if self.tls else True
 
     @property
     def inference_url(self) -> str:
-        return f"http://{self.host}:{self.ports['inference']}"
+        return f"{self.scheme}://{self.host}:{self.ports['inference']}"
 
     @property
     def management_url(self) -> str:
-        return f"http://{self.host}:{self.ports['management']}"
+        return f"{self.scheme}://{self.host}:{self.ports['management']}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.ports['metrics']}"
+        return f"{self.scheme}://{self.host}:{self.ports['metrics']}"
 
     @property
     def pid_file(self) -> Path:
@@ -109,6 +120,9 @@ class TorchServe:
             "metrics_address": self.metrics_url,
             "model_store": str(self.model_store.resolve()),
         }
+        if self.tls:
+            certificate, key = (Path(path).resolve() for path in self.tls)
+            overrides.update(certificate_file=str(certificate), private_key_file=str(key))
         # TorchServe also opens gRPC (7070/7071 by default): servers side by side need their own.
         for api in ("inference", "management"):
             if f"grpc_{api}" in self.ports:
@@ -183,7 +197,7 @@ class TorchServe:
             self._check_load_failures(model, start)
             try:
                 response = requests.get(f"{self.management_url}/models/{model}",
-                                        headers=self.headers("management"), timeout=5)
+                                        headers=self.headers("management"), timeout=5, verify=self.verify)
                 if response.status_code == 200:
                     description = response.json()[0]
                     ready = [w for w in description.get("workers", []) if w.get("status") == "READY"]
@@ -210,6 +224,7 @@ class TorchServe:
             f.seek(start)
             text = f.read().decode(errors="replace")
         if "Traceback (most recent call last)" in text and "in initialize" in text:
+            _wait_until_still(log)  # the traceback is still being written: let its last line (the error) in
             raise ServerError(f"a worker of {model!r} failed while loading the model (TorchServe will keep "
                               f"restarting it).\nWorker log ({log}):\n{self.log_tail('model_log.log', 40)}")
 
@@ -220,7 +235,7 @@ class TorchServe:
             self._check_alive()
             try:
                 response = requests.get(f"{self.management_url}/models", headers=self.headers("management"),
-                                        timeout=5)
+                                        timeout=5, verify=self.verify)
                 names = [m["modelName"] for m in response.json().get("models", [])]
                 if response.status_code == 200 and names:
                     return names
@@ -275,6 +290,18 @@ def stop_process_group(pid: int, timeout: float = 30) -> bool:
     return True
 
 
+def _wait_until_still(path: Path, quiet: float = 0.5, timeout: float = 5) -> None:
+    """Return once the file has not grown for `quiet` seconds (or after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    size = path.stat().st_size
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = path.stat().st_size
+        if now == size:
+            return
+        size = now
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -301,7 +328,20 @@ def _local_server(repo: Path) -> TorchServe:
     models = tuple(m.strip() for m in os.environ.get("SEGSERVE_MODELS", "segmenter=segmenter.mar").split(",")
                    if m.strip())
     return TorchServe(workdir=repo / "run", model_store=repo / "model-store", base_config=repo / "config.properties",
-                      ports=ports_from_env(), models=models)
+                      ports=ports_from_env(), models=models, tls=tls_from_env())
+
+
+def tls_from_env() -> tuple[Path, Path] | None:
+    """SEGSERVE_TLS_CERT and SEGSERVE_TLS_KEY (PEM files): serve HTTPS only; neither: plain HTTP."""
+    cert, key = os.environ.get("SEGSERVE_TLS_CERT"), os.environ.get("SEGSERVE_TLS_KEY")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ServerError("set both SEGSERVE_TLS_CERT (certificate) and SEGSERVE_TLS_KEY (private key), or neither")
+    for name, path in (("SEGSERVE_TLS_CERT", cert), ("SEGSERVE_TLS_KEY", key)):
+        if not Path(path).is_file():
+            raise ServerError(f"{name}: {path} not found")
+    return Path(cert), Path(key)
 
 
 def _running_pid(server: TorchServe) -> int | None:
@@ -318,7 +358,8 @@ def _running_pid(server: TorchServe) -> int | None:
 def _example(server: TorchServe, repo: Path) -> str:
     keys = server.keys()
     sample = "docs/sample-input.png"
-    auth = f'-H "Authorization: Bearer {keys["inference"]}"'
+    cacert = f" --cacert {server.verify}" if server.tls else ""  # a self-signed certificate: trust it
+    auth = f'-H "Authorization: Bearer {keys["inference"]}"{cacert}'
     return "\n".join([
         f"segserve is ready: {server.inference_url}/predictions/segmenter",
         "",
@@ -328,7 +369,7 @@ def _example(server: TorchServe, repo: Path) -> str:
         f"  curl -s {auth} -H 'Accept: image/png' -T {sample} "
         f"{server.inference_url}/predictions/segmenter -o mask.png",
         "Scale to 2 workers (management API):",
-        f'  curl -s -X PUT -H "Authorization: Bearer {keys["management"]}" '
+        f'  curl -s{cacert} -X PUT -H "Authorization: Bearer {keys["management"]}" '
         f'"{server.management_url}/models/segmenter?min_worker=2&synchronous=true"',
         f"Keys: {server.workdir / 'key_file.json'}   Logs: {server.log_dir}   Stop: make stop",
     ])
@@ -343,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for READY workers")
     args = parser.parse_args(argv)
     repo = args.repo.resolve()
-    server = _local_server(repo)
+    try:
+        server = _local_server(repo)
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.command == "stop":
             print("TorchServe stopped." if server.stop() else "TorchServe was not running (no run/torchserve.pid).")

@@ -1,0 +1,159 @@
+"""segserve's own metrics: recorded by the pipeline (unit), passed to TorchServe's metrics API (unit, the
+real ts.metrics cache) and served on the metrics port next to TorchServe's own (integration, scraped)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from conftest import MODEL, encode_image, random_image
+from test_pipeline import ChannelArgmax
+
+from segserve.metrics import ERRORS, IMAGES, PIXELS, STAGE_SECONDS, Metrics, torchserve_sink
+from segserve.pipeline import Request, Segmenter
+
+
+class Recorded(list):
+    def sink(self, name, value, kind, labels, index):
+        self.append((name, value, kind, dict(labels), index))
+
+    def count(self, name, **labels):
+        return sum(1 for n, _, _, lab, _ in self if n == name and all(lab.get(k) == v for k, v in labels.items()))
+
+    def total(self, name, **labels):
+        return sum(v for n, v, _, lab, _ in self if n == name and all(lab.get(k) == v for k, v in labels.items()))
+
+
+def test_pipeline_records_stages_images_pixels_and_errors(config):
+    recorded = Recorded()
+    segmenter = Segmenter(config, ChannelArgmax().eval(), metrics=Metrics(recorded.sink))
+    batch = [Request({"body": encode_image(random_image(40, 30))}),
+             Request({"body": b"not an image"}, {"body": {"content-type": "application/octet-stream"}}),
+             Request({"body": encode_image(random_image(7, 5))}),
+             Request({"body": encode_image(random_image(9, 9)), "format": "gif"})]
+    responses = segmenter.handle_batch(batch)
+    assert [r.status for r in responses] == [200, 400, 200, 400]
+
+    assert recorded.count(STAGE_SECONDS, stage="decode") == 4  # also timed when decoding fails
+    assert recorded.count(STAGE_SECONDS, stage="preprocess") == 2
+    assert recorded.count(STAGE_SECONDS, stage="forward") == 1  # one pass for the batch
+    assert recorded.count(STAGE_SECONDS, stage="encode") == 2
+    assert all(v >= 0 and kind == "histogram" for n, v, kind, _, _ in recorded if n == STAGE_SECONDS)
+    assert recorded.total(IMAGES) == 2 and recorded.total(PIXELS) == 40 * 30 + 7 * 5
+    assert recorded.total(ERRORS, type="invalid_image", status="400") == 1
+    assert recorded.total(ERRORS, type="invalid_option", status="400") == 1
+    # Per-request series carry the request's slot in the batch (TorchServe maps it to the request id).
+    assert {index for n, _, _, _, index in recorded if n == ERRORS} == {1, 3}
+
+
+def test_a_broken_sink_never_fails_a_request(config, caplog):
+    def broken(*args):
+        raise RuntimeError("metrics backend down")
+
+    segmenter = Segmenter(config, ChannelArgmax().eval(), metrics=Metrics(broken))
+    with caplog.at_level(logging.ERROR):
+        responses = segmenter.handle_batch([Request({"body": encode_image(random_image(8, 8))})] * 2)
+    assert [r.status for r in responses] == [200, 200]
+    assert sum("recording" in r.getMessage() for r in caplog.records) == 1  # said once, not per call
+
+
+def test_torchserve_sink_emits_metric_lines_the_frontend_parses(caplog):
+    """Through TorchServe's own backend metrics cache: the `[METRICS]` log line its frontend reads."""
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    ts_config = __import__("ts").__path__[0] + "/configs/metrics.yaml"
+    cache = MetricsCacheYamlImpl(config_file_path=ts_config)
+    cache.initialize_cache()
+    cache.model_name = "segmenter"
+    cache.set_request_ids({0: "req-a", 1: "req-b"})
+    metrics = Metrics(torchserve_sink(cache))
+    with caplog.at_level(logging.INFO):
+        with metrics.time("decode", 1):
+            pass
+        metrics.failed("invalid_image", 400, 1)
+        metrics.answered(4, 3, 0)
+        metrics.failed("empty_body", 400, 0)  # the same series again: the dimension list is not reused
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]segserve")]
+    assert re.match(r"\[METRICS\]segserve_stage_seconds\.Seconds:[0-9.e-]+\|#stage:decode,ModelName:segmenter,"
+                    r"Level:Model\|#type:HISTOGRAM\|#hostname:[^,]+,\d+,req-b$", lines[0]), lines[0]
+    assert re.match(r"\[METRICS\]segserve_errors_total\.Count:1\|#type:invalid_image,status:400,"
+                    r"ModelName:segmenter,Level:Model\|#type:COUNTER\|.*,req-b$", lines[1]), lines[1]
+    assert lines[2].startswith("[METRICS]segserve_images_total.Count:1|#ModelName:segmenter,Level:Model|")
+    assert lines[3].startswith("[METRICS]segserve_pixels_total.Count:12|")
+    assert "|#type:empty_body,status:400,ModelName:segmenter,Level:Model|" in lines[4]
+
+
+# -- integration: scrape the metrics port ------------------------------------------------------------
+SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)", re.M)
+
+
+def scrape(server) -> list[tuple[str, dict[str, str], float]]:
+    """The Prometheus text exposition on the metrics port, as (name, labels, value) samples."""
+    response = requests.get(f"{server.metrics_url}/metrics", timeout=30)
+    assert response.status_code == 200
+    samples = []
+    for match in SAMPLE.finditer(response.text):
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
+        samples.append((match["name"], labels, float(match["value"])))
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
+
+
+@pytest.mark.integration
+def test_metrics_port_serves_our_series_with_the_counts_sent(server):
+    good = [encode_image(random_image(w, h, seed=w)) for w, h in [(64, 48), (33, 17), (100, 100), (5, 7)]]
+    bad = [b"not an image", b"", b"GIF89a-truncated"]
+    headers = {**server.headers(), "Content-Type": "application/octet-stream"}
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    before = scrape(server)
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda body: requests.post(url, data=body, headers=headers, timeout=120).status_code,
+                                 good + bad))
+    assert statuses == [200] * len(good) + [400] * len(bad)
+    expected_errors = Counter({"invalid_image": 2, "empty_body": 1})
+    sent = len(good) + len(bad)
+
+    def d(name, **labels):  # TorchServe labels backend series ModelName (and Level, Hostname)
+        return value(after, name, ModelName=MODEL, **labels) - value(before, name, ModelName=MODEL, **labels)
+
+    # The frontend reads the worker's metric lines asynchronously: wait (bounded) for the last of them.
+    for _ in range(60):
+        after = scrape(server)
+        if d("segserve_stage_seconds_count", stage="decode") >= sent and d("segserve_errors_total") >= len(bad):
+            break
+        time.sleep(0.5)
+    assert "ts_inference_requests_total" in {n for n, _, _ in after}  # TorchServe's own series are still there
+    assert d("segserve_images_total") == len(good)
+    assert d("segserve_pixels_total") == 64 * 48 + 33 * 17 + 100 * 100 + 5 * 7
+    for kind, count in expected_errors.items():
+        assert d("segserve_errors_total", type=kind, status="400") == count, kind
+    assert d("segserve_stage_seconds_count", stage="decode") == sent
+    assert d("segserve_stage_seconds_count", stage="preprocess") == len(good)
+    assert d("segserve_stage_seconds_count", stage="encode") == len(good)
+    assert 1 <= d("segserve_stage_seconds_count", stage="forward") <= len(good)
+    for stage in ("decode", "preprocess", "forward", "encode"):
+        seconds = d("segserve_stage_seconds_sum", stage=stage)
+        assert 0 < seconds < 120, (stage, seconds)  # plausible: positive, and no stage near the timeout
+    # A histogram: cumulative buckets up to +Inf, which holds every observation.
+    assert d("segserve_stage_seconds_bucket", stage="decode", le="+Inf") == sent
+
+
+def test_a_failing_forward_pass_is_counted_for_each_request_of_the_batch(config):
+    class Broken(ChannelArgmax):
+        def forward(self, x):
+            raise RuntimeError("out of memory")
+
+    recorded = Recorded()
+    segmenter = Segmenter(config, Broken().eval(), metrics=Metrics(recorded.sink))
+    with pytest.raises(RuntimeError):  # TorchServe answers the batch 503
+        segmenter.handle_batch([Request({"body": encode_image(random_image(8, 8))})] * 3)
+    assert recorded.total(ERRORS, type="prediction_failed", status="503") == 3
+    assert recorded.count(STAGE_SECONDS, stage="forward") == 1
