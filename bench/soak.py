@@ -3,7 +3,7 @@
     python bench/soak.py                   # 180 s, 16 clients, 2 workers
     python bench/soak.py --duration 60     # shorter
 
-Phases (each request is counted in the phase it started in):
+Phases (each request is counted in the phase its answer came in):
   warm-up  load starts on the archive's 1 worker; it is scaled to --workers under load
   steady   worker RSS sampled every second: the growth from its start to its end must stay < --rss-limit %
   kill     one worker is killed with SIGKILL; TorchServe must replace it. Only the batch it had in flight may
@@ -58,7 +58,7 @@ GOOD_FORMATS = ("json", "png", "rle", "polygons")
 class Outcome:
     """One request: `status` is what the caller finally got (0: no answer); `attempts` what each try got,
     as (phase when the answer came, "status message"): a batch killed in flight fails in the kill phase
-    even though its requests started before it."""
+    even though its requests started before it. `phase`: when the final answer came."""
 
     kind: str  # good | bad
     phase: str
@@ -164,15 +164,15 @@ class Soak:
                                timeout=self.timeout, retries=4, backoff=0.5)
         raw = requests.Session()
         while not self._stop.is_set():
-            phase, started = self.phase, time.monotonic()
+            started = time.monotonic()
             if rng.random() < self.bad_fraction:
-                outcome = self.send_bad(raw, soak_bad_case(rng), phase, started)
+                outcome = self.send_bad(raw, soak_bad_case(rng), started)
             else:
-                outcome = self.send_good(client, session, rng, phase, started)
+                outcome = self.send_good(client, session, rng, started)
             with self._lock:
                 self.outcomes.append(outcome)
 
-    def send_good(self, client: SegservClient, session: RecordingSession, rng: random.Random, phase: str,
+    def send_good(self, client: SegservClient, session: RecordingSession, rng: random.Random,
                   started: float) -> Outcome:
         session.attempts = []
         try:
@@ -180,15 +180,15 @@ class Soak:
             status, problem = 200, None
         except SegservError as exc:
             status, problem = exc.status, str(exc)
-        return Outcome("good", phase, started - self.t0, time.monotonic() - started, status, session.attempts,
+        return Outcome("good", self.phase, started - self.t0, time.monotonic() - started, status, session.attempts,
                        problem)
 
-    def send_bad(self, session: requests.Session, case: Case, phase: str, started: float) -> Outcome:
+    def send_bad(self, session: requests.Session, case: Case, started: float) -> Outcome:
         try:
             response = session.post(f"{self.server.inference_url}/predictions/{MODEL}", data=case.body,
                                     headers={**self.server.headers(), **case.headers}, timeout=self.timeout)
         except requests.RequestException as exc:
-            return Outcome("bad", phase, started - self.t0, time.monotonic() - started, 0,
+            return Outcome("bad", self.phase, started - self.t0, time.monotonic() - started, 0,
                            [(self.phase, type(exc).__name__)],
                            f"{case.name}: no answer ({type(exc).__name__})")
         try:
@@ -201,7 +201,7 @@ class Soak:
             problem = f"{case.name}: {response.status_code} {response.text[:200]!r}"
         elif not (isinstance(error, dict) and error.get("code") == response.status_code and message):
             problem = f"{case.name}: {response.status_code} without a JSON error: {response.text[:200]!r}"
-        return Outcome("bad", phase, started - self.t0, time.monotonic() - started, response.status_code,
+        return Outcome("bad", self.phase, started - self.t0, time.monotonic() - started, response.status_code,
                        [(self.phase, f"{response.status_code} {message}".strip())], problem)
 
     def sample_rss(self) -> None:
@@ -292,7 +292,6 @@ def summarize(soak: Soak, batch_size: int, rss_limit: float, workers: int) -> di
     for phase, outcomes in by_phase.items():
         good = [o for o in outcomes if o.kind == "good"]
         bad = [o for o in outcomes if o.kind == "bad"]
-        # Attempts by the phase they were answered in (a kill's casualties started earlier).
         attempts = [note for o in soak.outcomes if o.kind == "good" for when, note in o.attempts if when == phase]
         latencies = [o.seconds * 1000 for o in good if o.status == 200]
         phases[phase] = {
