@@ -9,10 +9,12 @@ WEIGHTS := model/segmenter.safetensors
 PYTEST_ARGS ?=
 # Options for bench/run.py, e.g. make bench BENCH_ARGS="--workloads lraspp --concurrency 1,8"
 BENCH_ARGS ?=
+# Options for bench/soak.py, e.g. make soak SOAK_ARGS="--duration 60"
+SOAK_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench bench-tiling clean kserve-layout
+.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench bench-tiling soak clean kserve-layout
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -26,6 +28,7 @@ help:
 	@echo "make figures    regenerate docs/sample-*.png"
 	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (15+ min)"
 	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (15+ min)"
+	@echo "make soak       16 clients of good and bad requests, kill -9 a worker, scale: bench/results/soak.json (~4 min)"
 	@echo "make lint       ruff and hadolint (Dockerfiles);  make fixup: ruff --fix + format"
 	@echo "make kserve-layout  kserve/config/config.properties + kserve/model-store/*.mar for KServe (docs/deploy.md)"
 
@@ -69,6 +72,9 @@ bench: $(STAMP)
 
 bench-tiling: $(STAMP)
 	$(PY) bench/tiling.py
+
+soak: $(STAMP)
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

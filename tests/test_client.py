@@ -145,6 +145,15 @@ def test_retries_503_507_and_connection_errors_with_growing_jittered_backoff(no_
         assert 0.5 * 2 ** attempt <= delay <= 1.5 * 2 ** attempt
 
 
+@pytest.mark.parametrize("status", [500, 507])
+def test_retries_a_prediction_whose_worker_died(no_env, sleeps, status):
+    # What TorchServe 0.12 answers for the batch in flight on a worker killed with -9 (tests/test_soak.py).
+    died = {"code": status, "type": "InternalServerException", "message": "Worker died."}
+    session = FakeSession(response(status, died), response(200, png_bytes(2, 2), "image/png"))
+    assert SegservClient(token="t", session=session).predict(b"x", format="png").mask().shape == (2, 2)
+    assert len(session.calls) == 2 and len(sleeps) == 1
+
+
 @pytest.mark.parametrize("status", [400, 404, 413, 500])
 def test_other_errors_are_not_retried_and_carry_the_server_message(no_env, sleeps, status):
     body = {"code": status, "type": "invalid_image", "message": "cannot decode the image"}

@@ -12,6 +12,7 @@ from test_pipeline import ChannelArgmax, dominant_channel_image
 from v2_client import HEADER_LENGTH, image_input, mask_output, parse, request_body
 
 from segserve import oip
+from segserve.errors import BadRequest
 from segserve.pipeline import Request, Segmenter
 
 
@@ -176,3 +177,11 @@ def test_plain_bodies_are_not_v2():
     assert not oip.is_v2({"body": b"{not json"}, {})
     assert oip.is_v2({"body": {"inputs": []}}, {})
     assert oip.is_v2({"body": b"xx"}, {HEADER_LENGTH.lower(): "2"})
+
+
+def test_json_nested_too_deep_for_the_parser_is_a_400_not_a_crash():
+    # Found by tests/test_fuzz.py: json.loads raises RecursionError (not ValueError) here.
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert not oip.is_v2({"body": deep}, {})
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        oip.split_body({"body": deep}, {HEADER_LENGTH.lower(): str(len(deep))})

@@ -76,6 +76,16 @@ def test_batch_with_bad_requests_answers_each_on_its_own(segmenter):
     assert (body["width"], body["height"]) == (50, 40)
 
 
+def test_json_nested_too_deep_fails_alone_in_its_batch(segmenter):
+    # TorchServe could not parse it either, so it arrives as raw bytes declared application/json (test_fuzz.py).
+    deep = b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    requests = [Request(inputs={"body": deep}, headers={"body": {"content-type": "application/json"}}),
+                png_request(random_image(20, 10))]
+    responses = segmenter.handle_batch(requests)
+    assert [r.status for r in responses] == [400, 200]
+    assert "not valid JSON" in json.loads(responses[0].body)["message"]
+
+
 def test_all_bad_batch_runs_no_forward(segmenter):
     responses = segmenter.handle_batch([Request(inputs={}), Request(inputs={"body": b"x"})])
     assert [r.status for r in responses] == [400, 400]

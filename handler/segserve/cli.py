@@ -38,7 +38,8 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", default=None,
                         help="TorchServe key_file.json (default: $SEGSERVE_KEY_FILE, ./run/key_file.json, "
                              "./key_file.json)")
-    parser.add_argument("--retries", type=int, default=4, help="retries on 503/507 and connection errors (4)")
+    parser.add_argument("--retries", type=int, default=4,
+                        help="retries on 503/507, \"Worker died.\" and connection errors (4)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per request (120)")
 
 

@@ -29,9 +29,13 @@ import requests
 from PIL import Image
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-# TorchServe answers 503 when its queue is full or a worker died mid-request and 507 when out of
-# memory: both pass, so they are retried. Other 4xx are the caller's mistake and 500 is a bug: not retried.
+# TorchServe answers 503 when its queue is full and 507 when out of memory: both pass, so they are
+# retried. Other 4xx are the caller's mistake and 500 is a bug: not retried, except WORKER_DIED.
 RETRY_STATUSES = (503, 507)
+# TorchServe 0.12 fails the batch a worker had in flight when that worker dies (killed, crashed, scaled
+# down) with this message: 507 if it saw exit code 137, else 500 (a race on the exit code). The
+# prediction never completed and is idempotent, so it is sent again; another worker takes it.
+WORKER_DIED = "Worker died."
 RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout)
 MAX_DELAY = 30.0
 DEFAULT_KEY_FILES = (Path("run/key_file.json"), Path("key_file.json"))
@@ -182,7 +186,8 @@ class SegservClient:
 
     def _send(self, method: str, url: str, token: str | None, retries: int | None = None,
               **kwargs: Any) -> requests.Response:
-        """One call, retried on 503/507 and connection errors/timeouts; the last answer or error passes up."""
+        """One call, retried on 503/507, "Worker died." and connection errors/timeouts; the last answer or error
+        passes up."""
         retries = self.retries if retries is None else retries
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         for attempt in range(retries + 1):
@@ -192,7 +197,7 @@ class SegservClient:
                 if attempt == retries:
                     raise
             else:
-                if response.status_code not in RETRY_STATUSES or attempt == retries:
+                if not _retryable(response) or attempt == retries:
                     return response
             time.sleep(self.delay(attempt))
         raise AssertionError("unreachable")
@@ -317,6 +322,12 @@ def _image_part(image: ImageInput) -> tuple[str, bytes, str]:
         return "image", bytes(image), "application/octet-stream"
     path = Path(image)
     return path.name, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _retryable(response: requests.Response) -> bool:
+    if response.status_code in RETRY_STATUSES:
+        return True
+    return response.status_code == 500 and _body(response).get("message") == WORKER_DIED
 
 
 def _body(response: requests.Response) -> dict:

@@ -67,7 +67,7 @@ def is_v2(inputs: dict[str, Any], headers: dict[str, Any]) -> bool:
         if body[:1] == b"{":
             try:
                 doc = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
                 return False
             return isinstance(doc, dict) and isinstance(doc.get("inputs"), list)
     return False
@@ -86,7 +86,7 @@ def split_body(inputs: dict[str, Any], headers: dict[str, Any]) -> tuple[dict[st
         raise BadRequest(f"Inference-Header-Content-Length {length!r} does not fit a body of {len(body)} bytes")
     try:
         doc = json.loads(body[:int(length)])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest("the v2 inference header is not valid JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise BadRequest('a v2 request needs a JSON object with an "inputs" list')

@@ -380,8 +380,13 @@ class Segmenter:
     def error_response(error: SegservError, request: Request | None = None,
                        v2: oip.V2Request | None = None) -> Response:
         """The error in the request's own protocol: v2 requests get a v2 error body."""
-        if v2 is None and (request is None or not oip.is_v2(request.inputs, request.headers)):
-            return Response.from_error(error)
+        if v2 is None:
+            try:
+                v2_body = request is not None and oip.is_v2(request.inputs, request.headers)
+            except Exception:  # a body that cannot even be inspected still gets its own error, not the batch's
+                v2_body = False
+            if not v2_body:
+                return Response.from_error(error)
         request_id = v2.id if v2 is not None else oip.request_id(request.inputs, request.headers)
         return Response(error.status, "application/json", oip.error_body(error, request_id), error.type)
 
