@@ -44,7 +44,7 @@ class Tiling:
     # Fraction of a window shared with its neighbour, in [0, 1).
     overlap: float = 0.25
     # Windows per forward pass.
-    batch: int = 8
+    batch: int = 4
 
 
 @dataclass(frozen=True)
