@@ -120,3 +120,21 @@ def test_model_inputs_are_made_by_torchvision_on_the_models_device(segmenters, m
         assert mine.tensor.device == batched.device
         # Two JPEG decoders and two antialiased resizes: within a few grey levels (std 0.25 -> 1 level = 0.016).
         assert (mine.tensor - theirs.tensor).abs().mean() < 0.05
+
+
+def test_an_unexpected_failure_preparing_one_image_fails_only_that_request(segmenters, monkeypatch):
+    _, batched = segmenters
+    import segserve.pipeline as pipeline
+
+    real = pipeline.tensor_to_model_input
+    calls = iter(range(10))
+
+    def second_fails(*args, **kwargs):
+        if next(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tensor_to_model_input", second_fails)
+    bodies = [jpeg(scene(50 + i, (200, 240))) for i in range(3)]
+    statuses = [s for s, _ in answers(batched, bodies)]
+    assert statuses == [200, 500, 200]

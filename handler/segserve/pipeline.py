@@ -317,6 +317,12 @@ class Segmenter:
             except SegservError as error:
                 self._refused(item.index, error, requests[item.index], failed)
                 dropped.append(item)
+            except Exception:  # e.g. out of GPU memory: this request fails, the batch goes on
+                logger.exception("request %s: unexpected error while preparing the image",
+                                 request_name(item.request_id, item.index))
+                failed[item.index] = self.error_response(InternalError("the image could not be processed"),
+                                                         requests[item.index])
+                dropped.append(item)
             item.jpeg = None
         return dropped
 
