@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,23 +281,30 @@ class Segmenter:
         decoded: list[Decoded] = []
         failed: dict[int, Response] = {}
         for index, request in enumerate(requests):
-            try:
+            with self._request_errors(index, request, failed):
                 decoded.append(self.decode_request(index, request))
-            except SegservError as error:
-                self._refused(index, error, request, failed)
-            except Exception:  # a bug of ours must not take the batch down
-                logger.exception("request %s: unexpected error while decoding", request_name(request.id, index))
-                failed[index] = self.error_response(InternalError("the image could not be processed"), request)
         pending = [item for item in decoded if item.jpeg is not None]
         if pending:
-            for item in self._decode_jpegs(pending, requests, failed):
-                decoded.remove(item)
+            self._decode_jpegs(pending, requests, failed)
+            decoded = [item for item in decoded if item.index not in failed]
         return decoded, failed
 
-    def _decode_jpegs(self, pending: list[Decoded], requests: list[Request],
-                      failed: dict[int, Response]) -> list[Decoded]:
+    @contextlib.contextmanager
+    def _request_errors(self, index: int, request: Request, failed: dict[int, Response]) -> Iterator[None]:
+        """A failure inside the block becomes this request's own error response; the batch goes on."""
+        name = request_name(request.id, index)
+        try:
+            yield
+        except SegservError as error:
+            logger.info("request %s refused: %s %s: %s", name, error.status, error.type, error.message)
+            failed[index] = self.error_response(error, request)
+        except Exception:  # a bug of ours, or e.g. out of GPU memory, must not take the batch down
+            logger.exception("request %s: unexpected error while decoding", name)
+            failed[index] = self.error_response(InternalError("the image could not be processed"), request)
+
+    def _decode_jpegs(self, pending: list[Decoded], requests: list[Request], failed: dict[int, Response]) -> None:
         """Batched torchvision decode of the waiting JPEGs into model inputs on the model's device.
-        If the batch call fails, each image is decoded by Pillow alone; returns the ones that failed."""
+        If the batch call fails, each image is decoded by Pillow alone; failures go into `failed`."""
         config = self.config
         try:
             with self.metrics.time("decode"):
@@ -304,32 +312,15 @@ class Segmenter:
                                              self.device)
         except Exception:  # noqa: BLE001 - one bad JPEG fails torchvision's whole call: find it with Pillow
             images = [None] * len(pending)
-        dropped = []
         for item, pixels in zip(pending, images, strict=True):
-            try:
+            with self._request_errors(item.index, requests[item.index], failed):
                 if pixels is None or tuple(pixels.shape[-2:]) != (item.height, item.width):
                     with self.metrics.time("decode", item.index):
-                        image, _, _ = decode.decode_for_model(item.jpeg, config.limits, config.input_size)
-                    pixels = image
+                        pixels, _, _ = decode.decode_for_model(item.jpeg, config.limits, config.input_size)
                 with self.metrics.time("preprocess", item.index):
                     item.tensor = (self.preprocess_image(pixels) if isinstance(pixels, Image.Image) else
                                    tensor_to_model_input(pixels, config.input_size, config.mean, config.std))
-            except SegservError as error:
-                self._refused(item.index, error, requests[item.index], failed)
-                dropped.append(item)
-            except Exception:  # e.g. out of GPU memory: this request fails, the batch goes on
-                logger.exception("request %s: unexpected error while preparing the image",
-                                 request_name(item.request_id, item.index))
-                failed[item.index] = self.error_response(InternalError("the image could not be processed"),
-                                                         requests[item.index])
-                dropped.append(item)
             item.jpeg = None
-        return dropped
-
-    def _refused(self, index: int, error: SegservError, request: Request, failed: dict[int, Response]) -> None:
-        logger.info("request %s refused: %s %s: %s", request_name(request.id, index), error.status, error.type,
-                    error.message)
-        failed[index] = self.error_response(error, request)
 
     def inference(self, decoded: list[Decoded]) -> list[Prediction]:
         """One Prediction per decoded request: resized ones in one forward pass, tiled ones one by one."""
