@@ -362,7 +362,7 @@ def ratio_table(rows: list[dict]) -> str:
              f"{'bytes/stock':>11} {'p50/raw(1)':>10}"]
     for row in rows:
         lines.append(f"{row['workload']:<10} {row['concurrency']:>7} {fmt(row['throughput_vs_raw'])} "
-                     f"{fmt(row['throughput_vs_stock'])} {fmt(row.get('throughput_vs_forward'))} "
+                     f"{fmt(row['throughput_vs_stock'])} {fmt(row['throughput_vs_forward'])} "
                      f"{fmt(row['bytes_vs_stock'], pct=True):>11} {fmt(row['p50_vs_raw_single'])}")
     return "\n".join(lines)
 
@@ -405,11 +405,12 @@ def machine() -> dict:
 
 # -- main -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    gpu = DEVICE.type == "cuda"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="segmenter,lraspp",
-                        help="segmenter, lraspp, deeplabv3 (comma-separated; GPU default: deeplabv3)")
-    parser.add_argument("--contenders", default="raw,segserve,stock",
-                        help="forward, raw, segserve, stock (GPU default: all four)")
+    parser.add_argument("--workloads", default="deeplabv3" if gpu else "segmenter,lraspp",
+                        help="segmenter, lraspp, deeplabv3 (comma-separated; default segmenter,lraspp, GPU: deeplabv3)")
+    parser.add_argument("--contenders", default="forward,raw,segserve,stock" if gpu else "raw,segserve,stock",
+                        help="forward, raw, segserve, stock (default raw,segserve,stock; GPU: all four)")
     parser.add_argument("--concurrency", default=None,
                         help="client counts, comma-separated (default 1,4,16; on a GPU 1,16,64)")
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default 48)")
@@ -422,11 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="TorchServe batchSize (default: model-config's)")
     parser.add_argument("--batch-delay", type=int, default=None, help="TorchServe maxBatchDelay ms")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
-    parser.add_argument("--name", default=DEVICE.type if DEVICE.type == "cpu" else "gpu",
+    parser.add_argument("--name", default="gpu" if gpu else "cpu",
                         help="results file stem (default: cpu, or gpu where CUDA is)")
-    gpu = DEVICE.type == "cuda"
-    parser.set_defaults(workloads="deeplabv3" if gpu else "segmenter,lraspp",
-                        contenders="forward,raw,segserve,stock" if gpu else "raw,segserve,stock")
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 2
