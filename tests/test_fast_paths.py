@@ -16,7 +16,7 @@ from PIL import Image
 
 from segserve.pipeline import Segmenter
 from segserve.synthetic import generate_scene
-from segserve.transforms import logits_to_mask, reference_mask
+from segserve.transforms import candidate_classes, logits_to_mask, reference_mask
 
 
 @pytest.mark.parametrize("classes, low, size", [
@@ -34,6 +34,56 @@ def test_mask_equals_upsample_then_argmax(classes, low, size):
     fast, reference = logits_to_mask(logits, *size), reference_mask(logits, *size)
     assert fast.shape == size and fast.dtype == np.uint8
     assert (fast == reference).mean() >= 0.9999
+
+
+def scene_logits(seed: int, classes: int, shown: int, low: tuple[int, int]) -> torch.Tensor:
+    """Logits like a trained model's on a photo: `shown` of the classes compete in smooth regions,
+    the others are far below everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(classes, *low, generator=generator) - 30
+    shown_classes = torch.randperm(classes, generator=generator)[:shown]
+    fields = F.interpolate(torch.randn(1, shown, 6, 8, generator=generator), size=low, mode="bicubic")[0]
+    logits[shown_classes] = 6 * fields + 0.3 * torch.randn(shown, *low, generator=generator)
+    return logits
+
+
+@pytest.mark.parametrize("classes, shown, low, size", [
+    (21, 3, (65, 65), (960, 1280)),
+    (21, 6, (390, 520), (960, 1280)),
+    (150, 3, (64, 64), (512, 683)),   # an ADE20K-sized head
+    (21, 3, (520, 520), (375, 500)),  # shrinking
+])
+def test_only_the_classes_that_can_win_are_upsampled(classes, shown, low, size):
+    logits = scene_logits(classes + shown, classes, shown, low)
+    kept = candidate_classes(logits.permute(1, 2, 0).contiguous())
+    assert kept is not None and kept.numel() == shown  # the shortcut is taken
+    assert set(kept.tolist()) == set(logits.argmax(0).unique().tolist())
+    fast, reference = logits_to_mask(logits, *size), reference_mask(logits, *size)
+    assert (fast == reference).mean() >= 0.9999
+
+
+def test_a_class_that_wins_only_between_logit_pixels_is_kept():
+    # Third at both pixels, first half-way: (10, 9, 8, 0, 0) and (0, 0, 8, 10, 9) blend to (5, 4.5, 8, 5, 4.5).
+    logits = torch.tensor([[10.0, 0.0], [9.0, 0.0], [8.0, 8.0], [0.0, 10.0], [0.0, 9.0]])[:, None, :]
+    kept = candidate_classes(logits.permute(1, 2, 0).contiguous())
+    assert kept is None or 2 in kept.tolist()
+    mask = logits_to_mask(logits, 1, 4)  # samples at 1/8, 3/8, 5/8, 7/8 of the way
+    assert np.array_equal(mask, reference_mask(logits, 1, 4))
+    assert 2 in mask
+
+
+def test_a_map_with_one_class_gives_a_constant_mask():
+    logits = torch.randn(21, 33, 44) - 10
+    logits[7] += 20
+    mask = logits_to_mask(logits, 300, 400)
+    assert mask.shape == (300, 400) and (mask == 7).all()
+    assert np.array_equal(mask, reference_mask(logits, 300, 400))
+
+
+def test_noise_falls_back_to_every_class():
+    logits = torch.randn(21, 40, 40, generator=torch.Generator().manual_seed(0))
+    assert candidate_classes(logits.permute(1, 2, 0).contiguous()) is None
+    assert (logits_to_mask(logits, 100, 100) == reference_mask(logits, 100, 100)).mean() >= 0.9999
 
 
 def test_channels_last_model_gives_the_same_masks(config):
