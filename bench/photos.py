@@ -26,8 +26,13 @@ def _pink_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return noise / np.abs(noise).max()
 
 
-def photo(seed: int, size: tuple[int, int] = (1280, 960)) -> Image.Image:
-    """An RGB (width, height) photo-like image."""
+# What the drawn objects are, as VOC class ids: the labels `photo_and_labels` returns.
+ELLIPSE_CLASS, RECTANGLE_CLASS = 15, 7  # "person", "car"
+
+
+def photo_and_labels(seed: int, size: tuple[int, int] = (1280, 960)) -> tuple[Image.Image, np.ndarray]:
+    """An RGB (width, height) photo-like image, and its (height, width) uint8 labels: 0 for the
+    background, ELLIPSE_CLASS and RECTANGLE_CLASS for the objects drawn on it."""
     width, height = size
     rng = np.random.default_rng(seed)
     base = rng.uniform(60, 200, size=3)
@@ -35,16 +40,28 @@ def photo(seed: int, size: tuple[int, int] = (1280, 960)) -> Image.Image:
     texture = np.stack([_pink_noise(rng, height, width) for _ in range(3)], axis=-1)
     pixels = np.clip(base * sky + 70 * texture, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
-    draw = ImageDraw.Draw(image)
+    labels = Image.new("L", size, 0)
+    draw, draw_labels = ImageDraw.Draw(image), ImageDraw.Draw(labels)
     for _ in range(int(rng.integers(6, 14))):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         w, h = rng.uniform(0.05, 0.35) * width, rng.uniform(0.05, 0.35) * height
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
         box = [x - w / 2, y - h / 2, x + w / 2, y + h / 2]
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=colour)
+            draw_labels.ellipse(box, fill=ELLIPSE_CLASS)
+        else:
+            draw.rectangle(box, fill=colour)
+            draw_labels.rectangle(box, fill=RECTANGLE_CLASS)
     # Objects get the scene's texture too, and edges a lens's softness.
     textured = np.asarray(image, dtype=np.float32) + 25 * texture[..., ::-1]
-    return Image.fromarray(np.clip(textured, 0, 255).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(0.8))
+    image = Image.fromarray(np.clip(textured, 0, 255).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(0.8))
+    return image, np.asarray(labels)
+
+
+def photo(seed: int, size: tuple[int, int] = (1280, 960)) -> Image.Image:
+    """An RGB (width, height) photo-like image."""
+    return photo_and_labels(seed, size)[0]
 
 
 def photo_jpeg(seed: int, size: tuple[int, int] = (1280, 960), quality: int = 90) -> bytes:

@@ -146,13 +146,17 @@ def default_workload(store: Path, config_path: Path, count: int) -> Workload:
 
 
 def photo_workload(name: str, store: Path, work: Path, config_path: Path, count: int, size: int) -> Workload:
-    """A torchvision architecture (random weights, 21 VOC classes) on generated 1280x960 JPEG photos."""
+    """A torchvision architecture (21 VOC classes; random backbone, head fitted in seconds to generated
+    photos: bench/photo_model.py) on generated 1280x960 JPEG photos."""
+    from bench.photo_model import fit_photo_model
     from segserve.models import build_model
 
     builder = PHOTO_ARCHS[name][0]
     torch.manual_seed(0)
     weights = work / f"{name}.pt"
-    torch.save(build_model(builder, len(VOC_CLASSES)).state_dict(), weights)
+    print(f"fitting the {builder} head to generated photos (so its masks show a few classes, as a trained "
+          f"model's do) ...", flush=True)
+    torch.save(fit_photo_model(build_model(builder, len(VOC_CLASSES))).state_dict(), weights)
     archive = build(name, config_path, weights, store, arch=builder, classes=VOC_CLASSES, input_size=[size, size])
     images = [photo_jpeg(seed) for seed in range(count)]
     return Workload(name, images, "image/jpeg", archive,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO
 from PIL import Image
@@ -13,7 +14,7 @@ from PIL import Image
 pytestmark = pytest.mark.integration
 
 sys.path.insert(0, str(REPO))
-from bench.photos import photo_jpeg  # noqa: E402
+from bench.photos import ELLIPSE_CLASS, RECTANGLE_CLASS, photo_and_labels, photo_jpeg  # noqa: E402
 from bench.run import Result, ratios  # noqa: E402
 
 
@@ -22,6 +23,32 @@ def test_photos_are_deterministic_photo_sized_jpegs():
     assert data == photo_jpeg(3) and data != photo_jpeg(4)
     assert 100_000 < len(data) < 1_000_000
     assert Image.open(__import__("io").BytesIO(data)).size == (1280, 960)
+
+
+def test_photo_labels_mark_the_drawn_objects():
+    image, labels = photo_and_labels(3)
+    assert image.tobytes() == photo_and_labels(3)[0].tobytes() and labels.shape == (960, 1280)
+    assert set(np.unique(labels)) == {0, ELLIPSE_CLASS, RECTANGLE_CLASS}
+
+
+def test_the_photo_model_segments_a_few_classes_like_a_trained_one():
+    # Random weights give one class everywhere, which would make the mask step free in `make bench`.
+    import torch
+
+    from bench.photo_model import fit_photo_model
+    from segserve.build import IMAGENET_MEAN, IMAGENET_STD
+    from segserve.models import build_model
+    from segserve.transforms import logits_to_mask
+
+    torch.manual_seed(0)
+    model = fit_photo_model(build_model("lraspp_mobilenet_v3_large", 21))
+    image, labels = photo_and_labels(2)  # not one of the photos it was fitted to
+    pixels = torch.from_numpy(np.array(image.resize((520, 390)))).permute(2, 0, 1).float().div(255)
+    pixels = (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        mask = logits_to_mask(model(pixels[None])["out"][0], 960, 1280)
+    assert set(np.unique(mask)) == {0, ELLIPSE_CLASS, RECTANGLE_CLASS}
+    assert (mask == labels).mean() > 0.75
 
 
 def test_ratios_are_taken_level_by_level():

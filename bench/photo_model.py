@@ -1,0 +1,71 @@
+"""Weights for the photo workloads that segment like a trained model, made in seconds without a download.
+
+Random weights are no benchmark of the mask step: their logits are nearly constant over the image (a
+spatial spread of 1e-3 for LR-ASPP, 1e-10 for DeepLabV3), so one class wins everywhere. A trained
+model shows a few classes in regions, and the mask step's cost depends on that. Here the random
+backbone's BatchNorm statistics are recomputed on generated photos and the classifier head is fitted
+to their drawn objects (`photos.photo_and_labels`): masks then show background, "person" and "car" in
+regions that follow the objects, with 1-4% of logit pixels on a class boundary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from bench.photos import photo_and_labels
+from segserve.build import IMAGENET_MEAN, IMAGENET_STD  # what the archives normalize with
+
+FIT_SIZE = (195, 260)  # (height, width): small enough to fit in seconds on 2 cores
+FIT_PHOTOS, FIT_STEPS = 8, 40
+
+
+def _batch(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for seed in seeds:
+        image, label = photo_and_labels(seed)
+        images.append(torch.from_numpy(np.array(image.resize(FIT_SIZE[::-1], Image.Resampling.BILINEAR))))
+        labels.append(torch.from_numpy(np.array(Image.fromarray(label).resize(FIT_SIZE[::-1],
+                                                                               Image.Resampling.NEAREST))))
+    pixels = torch.stack(images).permute(0, 3, 1, 2).float().div(255)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (pixels - mean) / std, torch.stack(labels).long()
+
+
+def fit_photo_model(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Recompute BatchNorm statistics and fit the classifier head of a torchvision segmentation model
+    (LR-ASPP or DeepLabV3) to labelled generated photos; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    inputs, labels = _batch(range(1000, 1000 + FIT_PHOTOS))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batches below
+    model.train()
+    with torch.no_grad():
+        for start in range(0, FIT_PHOTOS, 4):
+            model(inputs[start:start + 4])
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(inputs)
+        if isinstance(model.classifier, nn.Sequential):  # DeepLabHead: fit its last 1x1 convolution
+            head_input = features["out"]
+            for layer in list(model.classifier)[:-1]:
+                head_input = layer(head_input)
+            head = model.classifier[-1]
+        else:  # LRASPPHead takes the backbone's dict
+            head_input, head = features, model.classifier
+    parameters = list(head.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=0.01)
+    for _ in range(FIT_STEPS):
+        logits = F.interpolate(head(head_input), size=FIT_SIZE, mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return model
