@@ -515,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     print("segserve, as a ratio within this run:")
     print(ratio_table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+    recorded = {k: str(v.resolve().relative_to(REPO) if isinstance(v, Path) and v.resolve().is_relative_to(REPO) else v)
+                for k, v in vars(args).items()}  # no machine path in a report that may be committed
+    report = {"machine": machine(), "args": recorded,
               "workloads": {w.name: w.description for w in workloads},
               "results": [asdict(r) for r in results], "ratios": rows}
     json_path = args.out / f"{args.name}.json"
