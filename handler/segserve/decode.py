@@ -105,17 +105,26 @@ def _decode(data: bytes, limits: Limits, draft: tuple[int, int] | None,
             full_if: Callable[[int, int], bool] | None = None) -> tuple[Image.Image, int, int]:
     with _pillow_errors(limits):
         image = _open(data, limits)
-        width, height = image.size
+        stored = image.size  # before `draft` shrinks it
         if draft and image.format == "JPEG":
             # A JPEG's EXIF comes before its pixels: the upright size is known before decoding.
-            rotated = image.getexif().get(ORIENTATION, 1) in ROTATED
-            if not (full_if and full_if(*((height, width) if rotated else (width, height)))):
+            if not (full_if and full_if(*_upright(stored, _orientation(image)))):
                 image.draft("RGB", draft)
         image.load()
-        if image.getexif().get(ORIENTATION, 1) in ROTATED:
-            width, height = height, width
+        width, height = _upright(stored, _orientation(image))  # after load: a PNG's eXIf may follow its pixels
     image = ImageOps.exif_transpose(image)
     return to_rgb(image), width, height
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation, 1 (as stored) when there is none."""
+    return image.getexif().get(ORIENTATION, 1)
+
+
+def _upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) as stored -> as shown: swapped by the orientations that turn the image a quarter."""
+    width, height = size
+    return (height, width) if orientation in ROTATED else (width, height)
 
 
 @dataclass(frozen=True)
@@ -133,11 +142,8 @@ def probe(data: bytes, limits: Limits) -> Header:
     """The image's header, with the limits checked (the same refusals as a full decode)."""
     with _pillow_errors(limits):
         image = _open(data, limits)
-        width, height = image.size
-        orientation = image.getexif().get(ORIENTATION, 1)
-        if orientation in ROTATED:
-            width, height = height, width
-        return Header(image.format, image.mode, width, height, orientation)
+        orientation = _orientation(image)
+        return Header(image.format, image.mode, *_upright(image.size, orientation), orientation)
 
 
 def decode_jpegs(data: list[bytes], orientations: list[int], device: torch.device) -> list[torch.Tensor]:
