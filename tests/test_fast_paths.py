@@ -63,12 +63,15 @@ def test_only_the_classes_that_can_win_are_upsampled(classes, shown, low, size):
 
 
 def test_a_class_that_wins_only_between_logit_pixels_is_kept():
-    # Third at both pixels, first half-way: (10, 9, 8, 0, 0) and (0, 0, 8, 10, 9) blend to (5, 4.5, 8, 5, 4.5).
-    logits = torch.tensor([[10.0, 0.0], [9.0, 0.0], [8.0, 8.0], [0.0, 10.0], [0.0, 9.0]])[:, None, :]
+    # Class 2 is third at both pixels and first half-way: (10, 9, 8, 0, 0) and (0, 0, 8, 10, 9) blend to
+    # (5, 4.5, 8, 5, 4.5). Classes 5 and 6 are below everywhere and are left out.
+    pair = torch.tensor([[10.0, 0.0], [9.0, 0.0], [8.0, 8.0], [0.0, 10.0], [0.0, 9.0], [-20.0, -20.0],
+                         [-30.0, -30.0]])
+    logits = pair.repeat_interleave(4, dim=1)[:, None, :]  # one row: four pixels of each, one boundary
     kept = candidate_classes(logits.permute(1, 2, 0).contiguous())
-    assert kept is None or 2 in kept.tolist()
-    mask = logits_to_mask(logits, 1, 4)  # samples at 1/8, 3/8, 5/8, 7/8 of the way
-    assert np.array_equal(mask, reference_mask(logits, 1, 4))
+    assert kept is not None and kept.tolist() == [0, 1, 2, 3, 4]
+    mask = logits_to_mask(logits, 3, 32)
+    assert np.array_equal(mask, reference_mask(logits, 3, 32))
     assert 2 in mask
 
 
