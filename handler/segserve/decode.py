@@ -108,10 +108,10 @@ def _decode(data: bytes, limits: Limits, draft: tuple[int, int] | None,
         stored = image.size  # before `draft` shrinks it
         if draft and image.format == "JPEG":
             # A JPEG's EXIF comes before its pixels: the upright size is known before decoding.
-            if not (full_if and full_if(*_upright(stored, _orientation(image)))):
+            if not (full_if and full_if(*_upright_size(stored, _orientation(image)))):
                 image.draft("RGB", draft)
         image.load()
-        width, height = _upright(stored, _orientation(image))  # after load: a PNG's eXIf may follow its pixels
+        width, height = _upright_size(stored, _orientation(image))  # after load: a PNG's eXIf may follow its pixels
     image = ImageOps.exif_transpose(image)
     return to_rgb(image), width, height
 
@@ -121,7 +121,7 @@ def _orientation(image: Image.Image) -> int:
     return image.getexif().get(ORIENTATION, 1)
 
 
-def _upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+def _upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     """(width, height) as stored -> as shown: swapped by the orientations that turn the image a quarter."""
     width, height = size
     return (height, width) if orientation in ROTATED else (width, height)
@@ -143,7 +143,7 @@ def probe(data: bytes, limits: Limits) -> Header:
     with _pillow_errors(limits):
         image = _open(data, limits)
         orientation = _orientation(image)
-        return Header(image.format, image.mode, *_upright(image.size, orientation), orientation)
+        return Header(image.format, image.mode, *_upright_size(image.size, orientation), orientation)
 
 
 def decode_jpegs(data: list[bytes], orientations: list[int], device: torch.device) -> list[torch.Tensor]:
@@ -166,7 +166,7 @@ def decode_jpegs(data: list[bytes], orientations: list[int], device: torch.devic
 
 def upright(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
     """(C, H, W) as stored -> as shown, for EXIF orientation 1-8 (what ImageOps.exif_transpose does)."""
-    if orientation in (5, 6, 7, 8):
+    if orientation in ROTATED:
         pixels = pixels.transpose(-1, -2)  # 5 is exactly this; 6-8 add a flip
     flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation)
     return pixels.flip(flips) if flips else pixels
