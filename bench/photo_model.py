@@ -18,21 +18,21 @@ from torch import nn
 
 from bench.photos import photo_and_labels
 from segserve.build import IMAGENET_MEAN, IMAGENET_STD  # what the archives normalize with
+from segserve.transforms import to_model_input
 
 FIT_SIZE = (195, 260)  # (height, width): small enough to fit in seconds on 2 cores
 FIT_PHOTOS, FIT_STEPS = 8, 40
 
 
 def _batch(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
+    """Model inputs as the archives make them (transforms.to_model_input), and labels at the same size."""
+    inputs, labels = [], []
     for seed in seeds:
         image, label = photo_and_labels(seed)
-        images.append(torch.from_numpy(np.array(image.resize(FIT_SIZE[::-1], Image.Resampling.BILINEAR))))
+        inputs.append(to_model_input(image, FIT_SIZE, IMAGENET_MEAN, IMAGENET_STD))
         labels.append(torch.from_numpy(np.array(Image.fromarray(label).resize(FIT_SIZE[::-1],
                                                                                Image.Resampling.NEAREST))))
-    pixels = torch.stack(images).permute(0, 3, 1, 2).float().div(255)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (pixels - mean) / std, torch.stack(labels).long()
+    return torch.stack(inputs), torch.stack(labels).long()
 
 
 def fit_photo_model(model: nn.Module, seed: int = 0) -> nn.Module:

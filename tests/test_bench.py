@@ -38,13 +38,12 @@ def test_the_photo_model_segments_a_few_classes_like_a_trained_one():
     from bench.photo_model import fit_photo_model
     from segserve.build import IMAGENET_MEAN, IMAGENET_STD
     from segserve.models import build_model
-    from segserve.transforms import logits_to_mask
+    from segserve.transforms import logits_to_mask, to_model_input
 
     torch.manual_seed(0)
     model = fit_photo_model(build_model("lraspp_mobilenet_v3_large", 21))
     image, labels = photo_and_labels(2)  # not one of the photos it was fitted to
-    pixels = torch.from_numpy(np.array(image.resize((520, 390)))).permute(2, 0, 1).float().div(255)
-    pixels = (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = to_model_input(image, (390, 520), IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         mask = logits_to_mask(model(pixels[None])["out"][0], 960, 1280)
     assert set(np.unique(mask)) == {0, ELLIPSE_CLASS, RECTANGLE_CLASS}
