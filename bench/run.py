@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handler"))
+sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
@@ -46,11 +46,11 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.photos import photo_jpeg  # noqa: E402
-from segserve.build import build  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.pipeline import Request, Segmenter  # noqa: E402
-from segserve.server import TorchServe, free_ports  # noqa: E402
-from segserve.synthetic import generate_scene  # noqa: E402
+from segserve.tools.build import build  # noqa: E402
+from segserve.tools.server import TorchServe, free_ports  # noqa: E402
+from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -149,7 +149,7 @@ def photo_workload(name: str, store: Path, work: Path, config_path: Path, count:
     """A torchvision architecture (21 VOC classes; random backbone, head fitted in seconds to generated
     photos: bench/photo_model.py) on generated 1280x960 JPEG photos."""
     from bench.photo_model import fit_photo_model
-    from segserve.models import build_model
+    from segserve.families import build_model
 
     builder = PHOTO_ARCHS[name][0]
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def stock_archive(name: str, store: Path, work: Path, config_path: Path, weights
     config = work / "stock-config.yaml"
     ours = config_path.read_text().split("\nhandler:")[0]
     config.write_text(ours)
-    archiver = Path(sys.executable).parent / "torch-model-archiver"  # as segserve.build runs it
+    archiver = Path(sys.executable).parent / "torch-model-archiver"  # as segserve.tools.build runs it
     command = [str(archiver), "--model-name", f"stock-{name}", "--version", "1.0", "--model-file", str(model_file),
                "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
                "--config-file", str(config), "--force"]

@@ -9,7 +9,7 @@ Phases (each request is counted in the phase its answer came in):
   kill     one worker is killed with SIGKILL; TorchServe must replace it. Only the batch it had in flight may
            fail ("Worker died."), and the project's client (retries) must complete every good request
   scale    workers scaled up to --workers+1, down to 1 and back, under load: no good request may fail
-Good requests (scenes from segserve.synthetic in PNG/JPEG/WebP/TIFF, several response formats) go through
+Good requests (scenes from segserve.tools.synthetic in PNG/JPEG/WebP/TIFF, several response formats) go through
 segserve.client.SegservClient, whose every attempt is recorded; bad ones (bench/hostile.py: corrupt,
 oversized, wrong type, malformed JSON, bad options) go raw and must get their 4xx with a JSON error.
 Every request has a timeout, so a hang is counted, never waited out. Loopback only.
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handler"))
+sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
@@ -43,11 +43,11 @@ import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.hostile import Case, soak_bad_case  # noqa: E402
-from segserve.build import build  # noqa: E402
-from segserve.client import WORKER_DIED, SegservClient, SegservError  # noqa: E402
+from segserve.client.api import WORKER_DIED, SegservClient, SegservError  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
-from segserve.server import TorchServe, free_ports  # noqa: E402
-from segserve.synthetic import generate_scene  # noqa: E402
+from segserve.tools.build import build  # noqa: E402
+from segserve.tools.server import TorchServe, free_ports  # noqa: E402
+from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 MODEL = "segmenter"
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handler"))
+sys.path.insert(0, str(REPO / "src"))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from segserve.pipeline import Request, Segmenter  # noqa: E402
-from segserve.synthetic import generate_scene  # noqa: E402
 from segserve.tiling import window_starts  # noqa: E402
+from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 BAND = 8  # px either side of a window edge
 SEED_START = 50_000  # away from training (1,000,000+) and evaluation (0..199) seeds

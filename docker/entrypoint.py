@@ -29,7 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from segserve.deploy import model_snapshot
+from segserve.tools.deploy import model_snapshot
 
 DEFAULTS = {
     "SEGSERVE_MODEL_STORE": "/home/model-server/model-store",

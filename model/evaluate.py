@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(MODEL_DIR.parent / "handler"))
+sys.path.insert(0, str(MODEL_DIR.parent / "src"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from segserve.config import ServingConfig  # noqa: E402
-from segserve.models import load_model  # noqa: E402
+from segserve.families import load_model  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
-from segserve.synthetic import generate_scene  # noqa: E402
+from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 
 def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(MODEL_DIR.parent / "handler"))
+sys.path.insert(0, str(MODEL_DIR.parent / "src"))
 THREADS = 2
 # Fixed thread teams before torch loads: with dynamic adjustment, a busy machine gets fewer
 # threads, other reduction splits and so other float rounding (seen: other weights under load).
@@ -31,8 +31,8 @@ from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from segserve.config import ServingConfig  # noqa: E402
-from segserve.models import build_model  # noqa: E402
-from segserve.synthetic import generate_scene  # noqa: E402
+from segserve.families import build_model  # noqa: E402
+from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 TRAIN_SEED_START = 1_000_000  # evaluation uses seeds from 0: the two never meet
 

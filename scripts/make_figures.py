@@ -13,11 +13,11 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handler"))
+sys.path.insert(0, str(REPO / "src"))
 
-from segserve.encode import mask_to_png, overlay  # noqa: E402
+from segserve.encoders import mask_to_png, overlay  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
-from segserve.synthetic import generate_scene  # noqa: E402
+from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 SEED, SIZE = 2024, (384, 512)  # (height, width)
 

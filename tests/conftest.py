@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handler"))
+sys.path.insert(0, str(REPO / "src"))
 
-from segserve.build import build  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
-from segserve.server import TorchServe, free_ports  # noqa: E402
+from segserve.tools.build import build  # noqa: E402
+from segserve.tools.server import TorchServe, free_ports  # noqa: E402
 
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
 MODEL = "segmenter"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from segserve.config import ConfigError, ServingConfig
 from segserve.pipeline import Request, Segmenter
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 
 def jpeg(image: Image.Image, **params) -> bytes:

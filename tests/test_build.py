@@ -1,4 +1,4 @@
-"""build_mar.sh / segserve.build: archives that are known to work, and clear refusals."""
+"""build_mar.sh / segserve.tools.build: archives that are known to work, and clear refusals."""
 
 import subprocess
 import zipfile
@@ -9,9 +9,9 @@ import yaml
 from conftest import REPO
 from safetensors.torch import save_file
 
-from segserve.build import BuildError, build, check_model
 from segserve.config import ServingConfig
-from segserve.models import build_model
+from segserve.families import build_model
+from segserve.tools.build import BuildError, build, check_model
 
 SMALL = {"base_channels": 4, "depth": 2}
 

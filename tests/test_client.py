@@ -19,10 +19,10 @@ import requests
 from conftest import encode_image
 from PIL import Image
 
-from segserve import client as client_module
-from segserve.cli import main
 from segserve.client import Prediction, SegservClient, SegservError, read_key, resolve_token
-from segserve.synthetic import generate_scene
+from segserve.client import api as client_module
+from segserve.client.cli import main
+from segserve.tools.synthetic import generate_scene
 
 INVALID_KEY = {"code": 400, "type": "InvalidKeyException",
                "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}

@@ -14,7 +14,7 @@ from conftest import MODEL, encode_image
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.integration
 

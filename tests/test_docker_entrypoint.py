@@ -14,7 +14,7 @@ import requests
 from conftest import MODEL, REPO, encode_image, random_image
 from v2_client import image_input, parse, request_body
 
-from segserve.server import free_ports, java_environment, stop_process_group
+from segserve.tools.server import free_ports, java_environment, stop_process_group
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.py"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"

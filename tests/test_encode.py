@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from segserve.encode import class_summary, json_response, mask_to_png
+from segserve.encoders import class_summary, json_response, mask_to_png
 
 
 def sample_mask(height=31, width=47):

@@ -15,7 +15,7 @@ from conftest import REPO
 from PIL import Image
 
 from segserve.pipeline import Segmenter
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 from segserve.transforms import candidate_classes, logits_to_mask, reference_mask
 
 
@@ -140,7 +140,7 @@ def test_draft_decoded_masks_agree_with_full_decoding(config):
 def test_compiled_model_gives_the_eager_masks(config, tmp_path):
     from safetensors.torch import save_file
 
-    from segserve.models import build_model
+    from segserve.families import build_model
 
     # A small U-Net keeps the compile (inductor, C++ on CPU) to seconds.
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ from conftest import encode_image
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 
-from segserve.encode import polygons, remove_small_regions
+from segserve.encoders import polygons, remove_small_regions
 from segserve.pipeline import Request
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 
 def ask(reference, image, **fields):

@@ -7,7 +7,7 @@ from conftest import REPO
 from PIL import Image
 
 from segserve.pipeline import Segmenter, pick_device
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.gpu
 

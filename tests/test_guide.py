@@ -18,13 +18,13 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from segserve.server import free_ports
+from segserve.tools.server import free_ports
 
 pytestmark = pytest.mark.integration
 
 GUIDE = REPO / "docs" / "own-model.md"
 STEP = re.compile(r"<!-- guide-step -->\s*\n```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
-PROJECT_FILES = ["Makefile", "pyproject.toml", "build_mar.sh", "config.properties", "handler", "model",
+PROJECT_FILES = ["Makefile", "pyproject.toml", "build_mar.sh", "config.properties", "handler", "src", "model",
                  "docs/sample-input.png"]
 
 
@@ -66,7 +66,7 @@ def test_worked_example_trains_builds_serves_and_predicts(tmp_path):
             if "segserve predict" in code:
                 assert "(384, 512) uint8" in result.stdout, result.stdout
     finally:
-        subprocess.run([sys.executable, "-m", "segserve.server", "stop"], cwd=project, env=env,
+        subprocess.run([sys.executable, "-m", "segserve.tools.server", "stop"], cwd=project, env=env,
                        capture_output=True, timeout=120)
 
     assert (project / "cells.pt").is_file()

@@ -20,9 +20,9 @@ from conftest import MODEL, REPO, encode_image
 from PIL import Image
 from v2_client import image_input, mask_output, parse, request_body
 
-from segserve.deploy import kserve_layout
-from segserve.server import free_ports, java_environment
-from segserve.synthetic import generate_scene
+from segserve.tools.deploy import kserve_layout
+from segserve.tools.server import free_ports, java_environment
+from segserve.tools.synthetic import generate_scene
 
 KSERVE = REPO / "deploy" / "kserve"
 SCHEMAS = {"InferenceService": "inferenceservice-v1beta1.json", "ServingRuntime": "servingruntime-v1alpha1.json"}

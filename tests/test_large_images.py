@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from segserve.client import SegservClient
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.integration
 

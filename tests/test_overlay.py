@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from segserve.encode import overlay
+from segserve.encoders import overlay
 
 
 def test_overlay_tints_only_foreground(config):

@@ -15,9 +15,9 @@ from conftest import MODEL_CONFIG, REPO, encode_image, random_image
 from PIL import Image
 from safetensors.torch import save_file
 
-from segserve.build import BuildError, build, main, read_state_dict
-from segserve.models import TORCHVISION_ARCHS, build_model
-from segserve.server import TorchServe, free_ports
+from segserve.families import TORCHVISION_ARCHS, build_model
+from segserve.tools.build import BuildError, build, main, read_state_dict
+from segserve.tools.server import TorchServe, free_ports
 
 CLASSES = ["background", "road", "car"]
 SMALL = [64, 64]
@@ -132,7 +132,7 @@ def test_torchvision_archs_default_to_photo_settings_and_whole_image_inference(t
 
 
 def test_classes_from_files(tmp_path):
-    from segserve.build import parse_classes
+    from segserve.tools.build import parse_classes
 
     (tmp_path / "c.txt").write_text("background\nroad\n\ncar\n")
     (tmp_path / "c.json").write_text('[{"name": "background", "color": [0, 0, 0]}, "road"]')

@@ -19,8 +19,8 @@ import torch
 from conftest import MODEL, MODEL_CONFIG, REPO, encode_image, random_image
 from PIL import Image
 
-from segserve.build import build
-from segserve.models import load_state_dict
+from segserve.families import load_state_dict
+from segserve.tools.build import build
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 TRACE = re.compile(r"Traceback|File \"|\.py\b|line \d+|/(?:home|root|tmp|usr|opt|srv|work|var)/", re.I)

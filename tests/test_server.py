@@ -15,7 +15,7 @@ import requests
 from conftest import MODEL, encode_image, random_image
 from PIL import Image
 
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.integration
 

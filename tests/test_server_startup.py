@@ -12,10 +12,10 @@ import requests
 import yaml
 from conftest import REPO
 
-from segserve.build import build
 from segserve.client import SegservClient
 from segserve.config import ServingConfig
-from segserve.server import ServerError, TorchServe, free_ports
+from segserve.tools.build import build
+from segserve.tools.server import ServerError, TorchServe, free_ports
 
 pytestmark = pytest.mark.integration
 

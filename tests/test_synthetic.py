@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from segserve.synthetic import BACKGROUND, CELL, NUCLEUS, generate_scene
+from segserve.tools.synthetic import BACKGROUND, CELL, NUCLEUS, generate_scene
 
 
 def test_same_seed_same_scene_and_different_seed_differs():

@@ -10,7 +10,6 @@ from conftest import encode_image, miou
 from PIL import Image
 
 from segserve.pipeline import Request
-from segserve.synthetic import generate_scene
 from segserve.tiling import (
     blended_bands,
     gaussian_importance_map,
@@ -20,6 +19,7 @@ from segserve.tiling import (
     window_grid,
     window_starts,
 )
+from segserve.tools.synthetic import generate_scene
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 from conftest import MODEL, REPO, encode_image, random_image
 
-from segserve.server import ServerError, TorchServe, free_ports, tls_from_env
+from segserve.tools.server import ServerError, TorchServe, free_ports, tls_from_env
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

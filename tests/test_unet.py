@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from segserve.models import build_model
+from segserve.families import build_model
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 97, 131), (2, 3, 64, 64), (1, 3, 1, 1), (1, 3, 257, 33)])

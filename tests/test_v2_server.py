@@ -13,7 +13,7 @@ from conftest import MODEL, encode_image
 from PIL import Image
 from v2_client import HEADER_LENGTH, image_input, mask_output, parse, request_body
 
-from segserve.synthetic import generate_scene
+from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import decode, encode
+from . import decode
+from . import encoders as encode
 from .config import Limits, ServingConfig
 from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, SegservError, UnprocessableEntity
 from .options import header, parse_classes

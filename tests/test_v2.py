@@ -11,7 +11,7 @@ from PIL import Image
 from test_pipeline import ChannelArgmax, dominant_channel_image
 from v2_client import HEADER_LENGTH, image_input, mask_output, parse, request_body
 
-from segserve import oip
+from segserve import v2 as oip
 from segserve.errors import BadRequest
 from segserve.pipeline import Request, Segmenter
 

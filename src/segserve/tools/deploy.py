@@ -7,7 +7,7 @@ names the models through `model_snapshot` (as KServe's docs show); a snapshot al
 model's workers, batch size and batch delay, and wins over the archive's model-config.yaml,
 so those are copied from the archive here.
 
-    python -m segserve.deploy kserve-layout --out kserve [--mar model-store/segmenter.mar] [--workers 1]
+    python -m segserve.tools.deploy kserve-layout --out kserve [--mar model-store/segmenter.mar] [--workers 1]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SNAPSHOT_KEYS = {"batchSize": 1, "maxBatchDelay": 100, "responseTimeout": 120, "
 
 # TorchServe settings for a KServe pod. Ports: KServe sends traffic to the container's port 8080.
 KSERVE_PROPERTIES = """\
-# segserve on KServe: written by `make kserve-layout` (segserve.deploy); mounted at /mnt/models/config/.
+# segserve on KServe: written by `make kserve-layout` (segserve.tools.deploy); mounted at /mnt/models/config/.
 # Inference and metrics bind 0.0.0.0: inside a pod that is the pod's own network namespace, reached
 # through the Service KServe creates (port 8080) and by Prometheus (8082). Management stays on the
 # pod's loopback (kubectl exec / port-forward to scale workers): nothing outside the pod needs it.
@@ -93,7 +93,7 @@ def kserve_layout(out: Path, mars: list[Path], workers: int | None = None) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segserve.deploy")
+    parser = argparse.ArgumentParser(prog="python -m segserve.tools.deploy")
     sub = parser.add_subparsers(dest="command", required=True)
     layout = sub.add_parser("kserve-layout", help="write the storage layout KServe's TorchServe runtime expects")
     layout.add_argument("--out", type=Path, default=Path("kserve"))

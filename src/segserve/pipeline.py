@@ -24,11 +24,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, encode, oip, tiling
+from . import decode, tiling
+from . import encoders as encode
+from . import v2 as oip
 from .config import ServingConfig
 from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
+from .families import load_model
 from .metrics import Metrics
-from .models import load_model
 from .options import Options, parse_options
 from .transforms import logits_to_mask, tensor_to_model_input, to_model_input, upsample_logits
 

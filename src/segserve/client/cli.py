@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from .client import SegservClient, SegservError
-from .options import FORMATS, TILE_MODES
+from ..options import FORMATS, TILE_MODES
+from .api import SegservClient, SegservError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 

@@ -322,7 +322,7 @@ def ports_from_env() -> dict[str, int]:
     return ports
 
 
-# -- `python -m segserve.server start|stop|status`: what `make serve` / `make stop` run -----------
+# -- `python -m segserve.tools.server start|stop|status`: what `make serve` / `make stop` run -----------
 def _local_server(repo: Path) -> TorchServe:
     # SEGSERVE_MODELS: archives to load, comma-separated (NAME=FILE.mar or FILE.mar), or "all".
     models = tuple(m.strip() for m in os.environ.get("SEGSERVE_MODELS", "segmenter=segmenter.mar").split(",")
@@ -378,7 +378,7 @@ def _example(server: TorchServe, repo: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m segserve.server")
+    parser = argparse.ArgumentParser(prog="python -m segserve.tools.server")
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="project root (default: current directory)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for READY workers")

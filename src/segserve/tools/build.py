@@ -27,11 +27,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from .config import ConfigError, ServingConfig
-from .models import TORCHVISION_ARCHS, build_model, load_state_dict
+from ..config import ConfigError, ServingConfig
+from ..families import TORCHVISION_ARCHS, build_model, load_state_dict
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO = PACKAGE_DIR.parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # segserve/
+REPO = PACKAGE_DIR.parents[1]
+# Subpackages of segserve that never run in a worker: the archive ships the rest, the worker modules.
+NOT_SHIPPED = ("tools", "client")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 STATE_FILE, SCRIPT_FILE = "weights.safetensors", "model.torchscript.pt"
@@ -205,7 +207,8 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     with tempfile.TemporaryDirectory(prefix="segserve-mar-") as tmp:
         stage = Path(tmp) / "extra"
         # --extra-files copies a folder's contents into the archive root, subfolders intact.
-        shutil.copytree(PACKAGE_DIR, stage / "segserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(PACKAGE_DIR, stage / "segserve",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SHIPPED))
         if model_file is not None:
             shutil.copy2(model_file, stage / Path(model_file).name)
         with _importable(stage, Path(model_file).stem if model_file else None):
