@@ -1,14 +1,16 @@
-"""scripts/architecture.py: the worker boundary it enforces."""
+"""scripts/architecture.py: the worker boundary it enforces, the request flow it traces, the pictures it writes."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import MODEL, REPO
 
 sys.path.insert(0, str(REPO))
 from scripts import architecture  # noqa: E402
@@ -115,3 +117,106 @@ def test_imports_are_read_relative_absolute_and_inside_functions():
 def test_this_repository_keeps_the_boundary():
     result = check(REPO)
     assert result.returncode == 0, result.stderr
+
+
+def _fails():
+    raise KeyError("planted")
+
+
+def _handles():
+    try:
+        _fails()
+    except KeyError:
+        pass
+
+
+def _leaf() -> int:
+    return 1
+
+
+@contextlib.contextmanager
+def _guard():
+    try:
+        yield
+    except KeyError:
+        _leaf()
+
+
+def _batch() -> list[int]:
+    _handles()
+    with _guard():
+        _fails()
+    return [_leaf() for _ in range(3)]
+
+
+def test_the_tracer_keeps_nesting_call_order_and_how_each_call_ended():
+    here = str(Path(__file__).resolve())
+    with architecture.Tracer(lambda filename: "test" if str(Path(filename).resolve()) == here else None) as tracer:
+        _batch()
+    assert [(c.name, c.depth, c.raised) for c in tracer.calls] == [
+        ("_batch", 0, None),
+        ("_handles", 1, None),
+        ("_fails", 2, "KeyError"),  # raised, then handled by its caller
+        ("_guard", 1, None),  # a context manager: one call, its exit work under it, after the block
+        ("_fails", 1, "KeyError"),
+        ("_leaf", 2, None),
+        ("_leaf", 1, None), ("_leaf", 1, None), ("_leaf", 1, None),  # the list comprehension is see-through
+    ]
+    assert tracer.calls[5].parent == 3
+
+
+def test_collapse_merges_repeats_and_folds_calls_that_stay_in_their_file():
+    def call(module, name, depth, parent=None):
+        return architecture.Call(module, name, depth, parent)
+
+    calls = [call("a.py", "stage", 0), call("b.py", "each", 1, 0), call("b.py", "each", 1, 0),
+             call("b.py", "each", 1, 0), call("a.py", "helper", 1, 0), call("a.py", "inner", 2, 4),
+             call("a.py", "outer", 1, 0), call("c.py", "far", 2, 6)]
+    for i, c in enumerate(calls):
+        if c.parent is not None:
+            calls[c.parent].children.append(i)
+    rows = architecture.collapse(calls)
+    assert [(r.name, r.count, r.parent) for r in rows] == [
+        ("stage", 1, None), ("each", 3, 0), ("helper", 1, 0), ("outer", 1, 0), ("far", 1, 3)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_store, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("unzipped")
+    with zipfile.ZipFile(model_store / f"{MODEL}.mar") as archive:
+        archive.extractall(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def flow(model_dir):
+    return architecture.trace_flow(model_dir)
+
+
+def test_the_traced_batch_goes_through_the_three_handler_stages_in_order(flow):
+    assert flow.stages == ["preprocess", "inference", "postprocess"]
+    assert [r.split()[0] for r in flow.responses][:2] == ["200", "200"]
+    assert flow.responses[2].startswith("4"), flow.responses  # the body that is no image
+    # Only functions of the handler and of the worker modules, nothing of torch, TorchServe or tools.
+    ours = {p.name for p in (REPO / "src" / "segserve").glob("*.py")} | {"segmenter_handler.py"}
+    assert {call.module for call in flow.calls} <= ours
+    stage = None
+    raised_in = set()
+    for call in flow.calls:
+        stage = call.name.rsplit(".", 1)[-1] if call.depth == 0 else stage
+        if call.raised:
+            raised_in.add(stage)
+    assert "preprocess" in raised_in  # the bad request fails while decoding, and only that request
+    assert max(call.depth for call in flow.calls) <= architecture.MAX_DEPTH
+
+
+def test_the_generator_writes_both_pictures_and_leaves_docs_alone(tmp_path, model_dir):
+    docs = sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs").glob("*"))
+    code = architecture.main(["--out", str(tmp_path), "--model-dir", str(model_dir)])
+    violations = architecture.check_boundary(architecture.discover(REPO))
+    assert code == (1 if violations else 0)
+    for name in ("architecture-modules.png", "architecture-flow.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(data) < 300_000, f"{name} is {len(data)} bytes"
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs").glob("*")) == docs
