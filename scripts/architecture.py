@@ -331,6 +331,7 @@ def layout_modules(modules: dict[str, Module], violations: list[Violation]) -> M
         for a, b in zip(edge.chain, edge.chain[1:], strict=False):
             neighbours[a].append(b)
             neighbours[b].append(a)
+    sources, targets = {e.source for e in edges}, {e.target for e in edges}
     layers: dict[tuple[str, int], list[Any]] = defaultdict(list)
     for node in sorted(level, key=str):
         layers[zone[node], level[node]].append(node)
@@ -354,7 +355,7 @@ def layout_modules(modules: dict[str, Module], violations: list[Violation]) -> M
         tops = max(level[n] for n in members)
         row_y, last_y = -TITLE_H - BOX_H / 2, 0.0
         for lvl in range(tops, -1, -1):
-            subs = _wrap(layers[z, lvl], width, x, MAX_ZONE_W[z], neighbours)
+            subs = _wrap(layers[z, lvl], width, x, MAX_ZONE_W[z], sources, targets)
             for sub in subs:
                 for n in sub:
                     y[n] = row_y
@@ -364,6 +365,9 @@ def layout_modules(modules: dict[str, Module], violations: list[Violation]) -> M
                 for n in sub:
                     layer_low[n] = last_y
             row_y -= ROW_H - SUB_ROW
+        lo = min(x[n] - width[n] / 2 for n in members)  # (again: wrapped rows are packed afresh)
+        for n in members:
+            x[n] -= lo
         span = max(x[n] + width[n] / 2 for n in members)
         zone_w[z] = max(span + 2 * PAD, 2.9)
         spans[z] = (0.0, zone_w[z], last_y - BOX_H / 2 - 0.4 - _deps_height(deps.get(z, {}), zone_w[z]), 0.0)
@@ -479,21 +483,30 @@ def _place_zone(z: str, layers, zone, width, neighbours, x) -> None:
                 x[node] = pos
 
 
-def _wrap(layer: list[Any], width, x, limit: float, neighbours) -> list[list[Any]]:
-    """A layer wider than `limit` onto several sub-rows; modules without imports either way go last."""
+def _wrap(layer: list[Any], width, x, limit: float, sources: set, targets: set) -> list[list[Any]]:
+    """A layer wider than `limit` onto several sub-rows, so that no arrow runs through a box: modules
+    only imported go on the first sub-rows (arrows come from above), those that import (arrows leave
+    downwards, or towards another zone) on the last, the rest between."""
     if not layer:
         return []
     if max(x[n] + width[n] / 2 for n in layer) - min(x[n] - width[n] / 2 for n in layer) <= limit:
         return [layer]
-    ordered = [n for n in layer if neighbours[n]] + [n for n in layer if not neighbours[n]]
-    rows, row, used = [], [], 0.0
-    for node in ordered:
+
+    def place(node: Any) -> int:
+        return 2 if node in sources else 0 if node in targets else 1
+
+    ordered = sorted(layer, key=place)  # (stable: the crossing-reduced order within each group)
+    rows: list[list[Any]] = []
+    row: list[Any] = []
+    used = 0.0
+    for node in reversed(ordered):  # filled from the last sub-row up
         if row and used + GAP + width[node] > limit:
-            rows.append(row)
+            rows.append(row[::-1])
             row, used = [], 0.0
         used += (GAP if row else 0) + width[node]
         row.append(node)
-    rows.append(row)
+    rows.append(row[::-1])
+    rows.reverse()
     for row in rows:  # each sub-row packed, centred
         pos = (limit - sum(width[n] for n in row) - GAP * (len(row) - 1)) / 2
         for node in row:
@@ -745,44 +758,68 @@ class FlowRun:
         return [c.name.rsplit(".", 1)[-1] for c in self.calls if c.depth == 0]
 
 
-class InProcessWorker:
-    """The archive's handler as TorchServe's Python backend loads and calls it, in this process: its
-    model loader (ts.model_loader) and context, a batch in the frontend's wire form.
-    (segserve.tools.inprocess will offer the same; this is the one place to switch to it.)"""
+# The handler driven in this process. segserve.tools.inprocess (#15) offers the same names for the same
+# purpose; once it is in, `from segserve.tools.inprocess import Reply, Request, handle, load_handler`
+# replaces the next four definitions.
+@dataclass(frozen=True)
+class Request:
+    """One request as TorchServe hands it to the handler: inputs by name, headers (HTTP headers, and per
+    input {"content-type": ...})."""
 
-    def __init__(self, model_dir: Path):
-        import ts
-        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-        from ts.model_loader import TsModelLoader
-
-        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-        self.handler_file = model_dir / manifest["handler"]
-        metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-        metrics.initialize_cache()
-        sys.modules.pop(self.handler_file.stem, None)
-        sys.path.append(str(model_dir))  # as the backend does; after src/, so segserve is this tree's
-        try:
-            self.service = TsModelLoader().load(manifest["modelName"], str(model_dir), manifest["handler"],
-                                                None, 8, None, True, metrics)
-        finally:
-            sys.path.remove(str(model_dir))
-
-    def predict(self, batch: list[dict]) -> list[tuple[int, str, bytes]]:
-        """(status, content type, body) per request, as Service.predict hands them to the frontend."""
-        from ts.service import Service
-
-        headers, inputs, ids = Service.retrieve_data_for_inference(batch)
-        context = self.service.context
-        context.request_ids, context.request_processor = ids, headers
-        context.metrics.request_ids = ids
-        bodies = self.service._entry_point(inputs, context)
-        return [(context.get_response_status(i)[0], context.get_response_content_type(i) or "", body)
-                for i, body in enumerate(bodies)]
+    inputs: dict[str, Any]
+    headers: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
 
 
-def sample_batch(model_dir: Path) -> tuple[list[dict], list[str]]:
+@dataclass(frozen=True)
+class Reply:
+    """What the worker sends back for one request (what is drawn of it)."""
+
+    status: int
+    content_type: str | None
+    body: bytes
+
+
+def load_handler(model_dir: Path):
+    """The unzipped archive's handler as TorchServe's Python backend loads it: its own model loader
+    (ts.model_loader, which reads the manifest and model-config.yaml into a ts.context.Context) and
+    metrics cache; the handler with its context."""
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from ts.model_loader import TsModelLoader
+
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    sys.modules.pop(Path(manifest["handler"]).stem, None)
+    sys.path.append(str(model_dir))  # as the backend does; after src/, so segserve is this tree's
+    try:
+        service = TsModelLoader().load(manifest["modelName"], str(model_dir), manifest["handler"], None, 8, None,
+                                       True, metrics)
+    finally:
+        sys.path.remove(str(model_dir))
+    handler = service._entry_point.__self__  # the handler's bound handle()
+    handler.context = service.context
+    return handler
+
+
+def handle(handler, requests: list[Request]) -> list[Reply]:
+    """One batch through handler.handle(data, context), the request ids and headers set on the context as
+    TorchServe's worker sets them (ts/service.py); per request its status, content type and body."""
+    from ts.context import RequestProcessor
+
+    context = handler.context
+    ids = {i: request.id or f"request-{i}" for i, request in enumerate(requests)}
+    context.request_ids, context.metrics.request_ids = ids, ids
+    context.request_processor = [RequestProcessor(dict(request.headers)) for request in requests]
+    bodies = handler.handle([request.inputs for request in requests], context)
+    return [Reply(context.get_response_status(i)[0], context.get_response_content_type(i), body)
+            for i, body in enumerate(bodies)]
+
+
+def sample_batch(model_dir: Path) -> tuple[list[Request], list[str]]:
     """A PNG; a form asking for the tiled path (tile=on, as images over tiling.auto_above_pixels take it
-    on their own) with an image of a few windows; a body that is no image. In TorchServe's wire form."""
+    on their own) with an image of a few windows; a body that is no image."""
     from PIL import Image
 
     from segserve.config import ServingConfig
@@ -797,13 +834,14 @@ def sample_batch(model_dir: Path) -> tuple[list[dict], list[str]]:
         Image.fromarray(generate_scene(seed, size)[0]).save(buffer, "PNG")
         return buffer.getvalue()
 
-    def request(i: int, accept: str, *fields: tuple[str, str, bytes]) -> dict:
-        return {"requestId": f"request-{i}".encode(), "headers": [{"name": b"Accept", "value": accept.encode()}],
-                "parameters": [{"name": n, "contentType": t, "value": v} for n, t, v in fields]}
+    def request(i: int, accept: str, **fields: tuple[str, bytes]) -> Request:
+        return Request({name: value for name, (_, value) in fields.items()},
+                       {"Accept": accept, **{name: {"content-type": kind} for name, (kind, _) in fields.items()}},
+                       f"request-{i}")
 
-    batch = [request(0, "image/png", ("body", "image/png", png(1, (240, 320)))),
-             request(1, "application/json", ("data", "image/png", png(2, large)), ("tile", "text/plain", b"on")),
-             request(2, "image/png", ("body", "image/png", b"this is not an image"))]
+    batch = [request(0, "image/png", body=("image/png", png(1, (240, 320)))),
+             request(1, "application/json", data=("image/png", png(2, large)), tile=("text/plain", b"on")),
+             request(2, "image/png", body=("image/png", b"this is not an image"))]
     described = ["#0 a 320x240 PNG, Accept: image/png",
                  f"#1 a form: data = a {large[1]}x{large[0]} PNG, tile=on; Accept: application/json",
                  "#2 'this is not an image' sent as image/png"]
@@ -812,33 +850,32 @@ def sample_batch(model_dir: Path) -> tuple[list[dict], list[str]]:
 
 def trace_flow(model_dir: Path, max_depth: int = MAX_DEPTH) -> FlowRun:
     """Load the archive (unzipped in model_dir), then trace one batch through its handler."""
-    worker = InProcessWorker(model_dir)
+    handler = load_handler(model_dir)
     package = Path(sys.modules[PACKAGE].__file__).resolve().parent
-    handler_files = {worker.handler_file.resolve(), (REPO / HANDLER).resolve()}
+    # The file of the handler's class (its module need not be in sys.modules): where its methods are.
+    handler_file = next(Path(f.__code__.co_filename).resolve() for f in vars(type(handler)).values()
+                        if hasattr(f, "__code__"))
 
     def label(filename: str) -> str | None:
-        path = Path(filename).resolve() if not filename.startswith("<") else None
-        if path is None:
+        if filename.startswith("<"):
             return None
-        if path in handler_files or path.parent in (package, (model_dir / PACKAGE).resolve()):
-            return path.name
-        return None
+        path = Path(filename).resolve()
+        return path.name if path == handler_file or path.parent == package else None
 
     batch, described = sample_batch(model_dir)
     with Tracer(label, max_depth) as tracer:
-        answers = worker.predict(batch)
+        replies = handle(handler, batch)
     responses = []
-    for status, content_type, body in answers:
+    for reply in replies:
         detail = ""
-        if status >= 400:
+        if reply.status >= 400:
             try:
-                doc = json.loads(body)
+                doc = json.loads(reply.body)
                 detail = f" (type: {doc['type']})" if isinstance(doc, dict) and "type" in doc else ""
             except ValueError:
                 pass
-        responses.append(f"{status} {content_type}{detail}")
+        responses.append(f"{reply.status} {reply.content_type}{detail}")
     return FlowRun(collapse(tracer.calls), described, responses)
-
 
 
 FLOW_ROW, FLOW_CHAR, FLOW_INDENT, FLOW_STAGE_GAP = 0.2, 0.0625, 0.11, 0.3  # inches; FLOW_CHAR: 7.5 pt monospace
@@ -879,22 +916,23 @@ def draw_flow(run: FlowRun, path: Path) -> None:
         y -= FLOW_ROW
     bottom = y
     # Where each box goes: from the lane's left edge rightwards, unless its caller is in a lane to the
-    # right (then it ends at its lane's right edge and the arrow comes in from the right).
+    # right (then it ends at its lane's right edge and the arrow comes in from the right); a call from
+    # its own lane is aligned as its caller is, indented.
     labels, extent = [], []
-    for i, call in enumerate(calls):
+    for call in calls:
         text = call.name + (f" \u00d7{call.count}" if call.count > 1 else "")
         if call.raised:
             text += f"  \u2192 raises {call.raised}"
         labels.append(text)
         width = len(text) * FLOW_CHAR + 0.12
         caller = calls[call.parent].module if call.parent is not None else None
-        from_right = caller is not None and lanes.index(caller) > lanes.index(call.module)
-        if from_right:
-            x1 = lane_x[call.module] + lane_w[call.module] - 0.06
-            extent.append((x1 - width, x1, from_right))
+        if caller == call.module:
+            px0, px1, from_right = extent[call.parent]
+            anchor = px1 - FLOW_INDENT if from_right else px0 + FLOW_INDENT
         else:
-            x0 = lane_x[call.module] + 0.06 + FLOW_INDENT * nest[i]
-            extent.append((x0, x0 + width, from_right))
+            from_right = caller is not None and lanes.index(caller) > lanes.index(call.module)
+            anchor = lane_x[call.module] + (lane_w[call.module] - 0.06 if from_right else 0.06)
+        extent.append((anchor - width, anchor, True) if from_right else (anchor, anchor + width, False))
     right = max(x, max(x1 for _, x1, _ in extent)) + 0.15
     header_h = 0.55 + 0.17 * (len(run.requests) + 1)
     total_h = -bottom + header_h + 0.75
