@@ -7,11 +7,11 @@
 * The boundary: no worker module imports segserve.tools or segserve.client, and the client imports no
   worker module and neither torch, torchvision nor TorchServe, not even through a tools module. A break
   is drawn in red and makes this script exit 1.
-* The request flow (docs/architecture-flow.png): one small batch (a PNG, an image large enough for the
-  tiled path, a body that is no image) sent through the built archive's handler in this process, as
-  TorchServe's backend loads and calls it, with a call tracer that keeps only the functions defined in
-  the handler and in src/segserve/*.py. The picture is the trace: nothing in it names today's functions,
-  so it follows the code as it changes.
+* The request flow (docs/architecture-flow.png): one small batch (a PNG, a form asking for the tiled
+  path, a body that is no image) sent through the built archive's handler in this process, loaded and
+  called as TorchServe's Python backend does, with a call tracer (sys.settrace) that keeps only the
+  functions defined in the handler and in src/segserve/*.py. The picture is the trace: nothing here
+  names today's functions, so it follows the code as it changes.
 
     python scripts/architecture.py [--out DIR] [--check] [--model-dir DIR]
 
@@ -933,6 +933,11 @@ def draw_flow(run: FlowRun, path: Path) -> None:
             from_right = caller is not None and lanes.index(caller) > lanes.index(call.module)
             anchor = lane_x[call.module] + (lane_w[call.module] - 0.06 if from_right else 0.06)
         extent.append((anchor - width, anchor, True) if from_right else (anchor, anchor + width, False))
+    shift = max(0.0, left - 0.1 - min(x0 for x0, _, _ in extent))  # a label running left over the stages
+    if shift:
+        lane_x = {lane: lx + shift for lane, lx in lane_x.items()}
+        extent = [(x0 + shift, x1 + shift, r) for x0, x1, r in extent]
+        x += shift
     right = max(x, max(x1 for _, x1, _ in extent)) + 0.15
     header_h = 0.55 + 0.17 * (len(run.requests) + 1)
     total_h = -bottom + header_h + 0.75
@@ -1051,14 +1056,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if violations else 0
     import logging
 
-    logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's notes on optional accelerators
     modules_png, flow_png = args.out / "architecture-modules.png", args.out / "architecture-flow.png"
     draw_modules(modules, violations, modules_png)
-    if args.model_dir is not None:
-        run = trace_flow(args.model_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="segserve-architecture-") as tmp:
-            run = trace_flow(unzipped_archive(Path(tmp)))
+    ts_logger = logging.getLogger("ts")
+    level = ts_logger.level
+    ts_logger.setLevel(logging.ERROR)  # TorchServe's notes on optional accelerators it did not find
+    try:
+        if args.model_dir is not None:
+            run = trace_flow(args.model_dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="segserve-architecture-") as tmp:
+                run = trace_flow(unzipped_archive(Path(tmp)))
+    finally:
+        ts_logger.setLevel(level)
     draw_flow(run, flow_png)
     print(f"wrote {modules_png} and {flow_png} (stages: {', '.join(run.stages)}; {len(run.calls)} calls drawn)")
     return 1 if violations else 0
