@@ -135,15 +135,15 @@ def test_torchvision_archs_default_to_photo_settings_and_whole_image_inference(t
 
 
 def test_classes_from_files(tmp_path):
-    from segserve.tools.build import parse_classes
+    from segserve.tools.build import read_class_list
 
     (tmp_path / "c.txt").write_text("background\nroad\n\ncar\n")
     (tmp_path / "c.json").write_text('[{"name": "background", "color": [0, 0, 0]}, "road"]')
-    assert parse_classes(str(tmp_path / "c.txt")) == CLASSES
-    assert parse_classes(str(tmp_path / "c.json"))[1] == "road"
-    assert parse_classes("a, b") == ["a", "b"]
+    assert read_class_list(str(tmp_path / "c.txt")) == CLASSES
+    assert read_class_list(str(tmp_path / "c.json"))[1] == "road"
+    assert read_class_list("a, b") == ["a", "b"]
     with pytest.raises(BuildError, match="not found"):
-        parse_classes(str(tmp_path / "missing.json"))
+        read_class_list(str(tmp_path / "missing.json"))
 
 
 # -- the family registry ------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def check_model_file(config: ServingConfig, weights: Path) -> None:
 
 
 # -- classes and config --------------------------------------------------------------------------
-def parse_classes(value: str) -> list:
+def read_class_list(value: str) -> list:
     """--classes: a .json/.yaml/.txt file, or comma-separated names."""
     path = Path(value)
     if path.is_file():
@@ -231,7 +231,6 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
                 check_state(config, state)
                 # Clones: safetensors refuses tensors that share memory (tied weights).
                 save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / config.weights))
-        (stage / "index_to_name.json").write_text(json.dumps({str(c.id): c.name for c in config.classes}))
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(doc, sort_keys=False))
         cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name,
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict (.pt/.pth, plain, {'state_dict': ...}/{'model': ...}, DataParallel "
                              "'module.' prefixes) or .safetensors, or a TorchScript file (default: model/'s)")
-    parser.add_argument("--classes", type=parse_classes, default=None,
+    parser.add_argument("--classes", type=read_class_list, default=None,
                         help="class names, comma-separated, or a .json/.yaml/.txt file (names or {name, color})")
     parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
     parser.add_argument("--mean", type=_floats, default=None, help="normalization mean, R,G,B in 0..1")
