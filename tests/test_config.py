@@ -1,6 +1,13 @@
+import re
+import zipfile
+from pathlib import Path
+
 import pytest
+import yaml
+from conftest import MODEL_CONFIG, REPO
 
 from segserve.config import ConfigError, ServingConfig
+from segserve.tools.build import TORCHSERVE_MODEL_KEYS, BuildError, build, check_torchserve_keys
 
 
 def base_section(**overrides):
@@ -148,3 +155,56 @@ def test_wrong_types_name_the_key_and_the_expected_type(path, value, message):
 def test_empty_optional_sections_take_the_defaults():
     cfg = ServingConfig.from_dict(base_section(limits=None, tiling=None, runtime=None))
     assert (cfg.limits.max_pixels, cfg.tiling.overlap, cfg.threads, cfg.precision) == (40_000_000, 0.25, 0, "auto")
+
+
+# -- the top-level keys TorchServe reads (it ignores a typo there without a word): checked at build --------
+def torchserve_model_config_class() -> bytes:
+    """ModelConfig.class from the installed TorchServe's frontend jar: the code that reads those keys."""
+    import ts
+
+    with zipfile.ZipFile(Path(ts.__file__).parent / "frontend" / "model-server.jar") as jar:
+        return jar.read("org/pytorch/serve/archive/model/ModelConfig.class")
+
+
+def test_the_torchserve_keys_are_those_of_the_installed_torchserve():
+    code = torchserve_model_config_class()
+    for key in TORCHSERVE_MODEL_KEYS:  # each is a string constant of the class (CONSTANT_Utf8: tag, length, bytes)
+        assert b"\x01" + len(key).to_bytes(2, "big") + key.encode() in code, key
+    # ...and every key the class warns about ("Invalid batchSize: {}, should be integer") is in the list
+    # (TorchServe's message for maxRetryTimeoutInSec says maxRetryTimeoutInMin).
+    warned = {name.decode() for name in re.findall(rb"Invalid (\w+): \{\}, should be", code)}
+    assert warned - {"maxRetryTimeoutInMin"} | {"maxRetryTimeoutInSec"} == set(TORCHSERVE_MODEL_KEYS)
+
+
+def write_config(tmp_path, **top):
+    doc = yaml.safe_load(MODEL_CONFIG.read_text())
+    doc.update(top)
+    path = tmp_path / "model-config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("top, message", [
+    ({"minWorker": 1}, "minWorker is not a TorchServe 0.12 model setting; did you mean minWorkers?"),
+    ({"maxbatchdelay": 5}, "maxbatchdelay is not a TorchServe 0.12 model setting; did you mean maxBatchDelay?"),
+    ({"handlers": {}}, "handlers is not a TorchServe 0.12 model setting; did you mean handler?"),
+    ({"batchSize": "4"}, "batchSize must be a whole number >= 1, got '4'"),
+    ({"responseTimeout": 0}, "responseTimeout must be a whole number >= 1, got 0"),
+    ({"maxWorkers": 2.0}, "maxWorkers must be a whole number >= 0, got 2.0"),
+    ({"deviceType": "cuda"}, "deviceType must be one of cpu, gpu, got 'cuda'"),
+    ({"deviceIds": [0, "1"]}, "deviceIds[1] must be a whole number >= 0, got '1'"),
+    ({"useVenv": "no"}, "useVenv must be true or false, got 'no'"),
+])
+def test_the_build_refuses_top_level_keys_torchserve_would_ignore(tmp_path, top, message):
+    path = write_config(tmp_path, **top)
+    with pytest.raises(BuildError) as info:
+        build("m", path, REPO / "model" / "segmenter.safetensors", tmp_path / "store")
+    assert str(info.value) == f"{path}: {message}" or str(info.value).startswith(f"{path}: {message} (valid keys")
+    assert not (tmp_path / "store" / "m.mar").exists()
+
+
+def test_the_top_level_keys_torchserve_reads_pass():
+    doc = {"minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "deviceType": "GPU", "deviceIds": [0, 1],
+           "torchrun": {"nproc-per-node": 2}, "continuousBatching": False, "handler": {}}
+    check_torchserve_keys(doc)
+    check_torchserve_keys(yaml.safe_load(MODEL_CONFIG.read_text()))

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import yaml
 from safetensors.torch import save_file
 
 from .. import families
-from ..config import ConfigError, ServingConfig
+from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, whole_number
 from ..families import IMAGENET_MEAN, IMAGENET_STD, build_model, load_state_dict  # noqa: F401
 
 # IMAGENET_MEAN/STD are read from here by bench: what the photo-model archives normalize with.
@@ -41,6 +42,69 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
 class BuildError(RuntimeError):
     pass
+
+
+# -- TorchServe's keys in model-config.yaml ---------------------------------------------------------------
+def _whole(minimum: int) -> Callable[[Any, str], Any]:
+    return lambda value, where: whole_number(value, where, minimum)
+
+
+def _lowercase_choice(allowed: tuple[str, ...]) -> Callable[[Any, str], Any]:
+    # TorchServe compares these lower-cased.
+    return lambda value, where: choice(value.lower() if isinstance(value, str) else value, allowed, where)
+
+
+def _mapping(value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _whole_numbers(value: Any, where: str) -> Any:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of whole numbers (GPU ids), got {value!r}")
+    for index, item in enumerate(value):
+        whole_number(item, f"{where}[{index}]", 0)
+    return value
+
+
+# The top-level keys TorchServe 0.12 reads from model-config.yaml, as its frontend's
+# org.pytorch.serve.archive.model.ModelConfig.build switches on them, with the type it accepts: it logs a
+# warning and ignores a value of another type, and ignores an unknown key (a typo) without a word.
+TORCHSERVE_MODEL_KEYS: dict[str, Callable[[Any, str], Any]] = {
+    "minWorkers": _whole(0),
+    "maxWorkers": _whole(0),
+    "batchSize": _whole(1),
+    "maxBatchDelay": _whole(0),
+    "responseTimeout": _whole(1),
+    "startupTimeout": _whole(1),
+    "deviceType": _lowercase_choice(("cpu", "gpu")),
+    "parallelType": _lowercase_choice(("pp", "tp", "pptp", "custom")),
+    "parallelLevel": _whole(0),
+    "deviceIds": _whole_numbers,
+    "torchrun": _mapping,
+    "maxRetryTimeoutInSec": _whole(1),
+    "clientTimeoutInMills": _whole(1),
+    "jobQueueSize": _whole(1),
+    "useJobTicket": boolean,
+    "sequenceMaxIdleMSec": _whole(1),
+    "sequenceTimeoutMSec": _whole(1),
+    "maxSequenceJobQueueSize": _whole(1),
+    "maxNumSequence": _whole(1),
+    "continuousBatching": boolean,
+    "sequenceBatching": boolean,
+    "asyncCommunication": boolean,
+    "useVenv": boolean,
+}
+
+
+def check_torchserve_keys(doc: dict) -> None:
+    """Refuse a top-level key of model-config.yaml that TorchServe would silently ignore: unknown (with the
+    closest valid key) or of a type TorchServe does not take. `handler:` is segserve's (ServingConfig)."""
+    check_keys(doc, [*TORCHSERVE_MODEL_KEYS, "handler"], what="a TorchServe 0.12 model setting")
+    for key, check in TORCHSERVE_MODEL_KEYS.items():
+        if key in doc:
+            check(doc[key], key)
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -151,6 +215,10 @@ def make_config(base: Path, **overrides: Any) -> dict:
     if not base.is_file():
         raise BuildError(f"model config not found: {base}")
     doc = yaml.safe_load(base.read_text()) or {}
+    try:
+        check_torchserve_keys(doc)
+    except ConfigError as exc:
+        raise BuildError(f"{base}: {exc}") from None
     section = copy.deepcopy(doc.get("handler") or {})
     model = section.setdefault("model", {})
     inp = section.setdefault("input", {})
