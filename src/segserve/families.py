@@ -13,12 +13,14 @@ A family is one `Family` entry in FAMILIES. It says which `handler.model.arch` n
   inference, whether --classes is needed, arch_params read from the checkpoint such as aux_loss).
 - `describe(config)`: what the model's describe answer shows beyond its family and arch.
 - `detect(path)`: claims a weights file given without --arch (TorchScript's zip layout).
+- `weights_file`: the weights' name in the archive (a state_dict is always stored as safetensors).
 
 Adding a family (segmentation_models_pytorch, Hugging Face transformers, MONAI, torch.export...) is one
 more entry: its arch names, a `build` (or a `load` for a file that is the model), a `logits` adapter if
 its forward returns something else than a tensor (e.g. `lambda out: out.logits`), and its
 `build_defaults`. Its package is imported inside those functions, so a worker that serves another family
-never imports it. Nothing else in the worker or the build names a family.
+never imports it. Nothing else in the worker or the build names a family (but for the build's
+--model-file/--model-class flags, which fill in the custom family's arch_params).
 """
 
 from __future__ import annotations
@@ -67,16 +69,12 @@ class Family:
     build_defaults: BuildDefaults = field(default_factory=BuildDefaults)
     describe: Callable[[ServingConfig], dict] | None = None
     detect: Callable[[Path], bool] | None = None
+    weights_file: str = STATE_FILE  # the weights' file name in the archive
 
     @property
     def state_dict(self) -> bool:
         """True when the weights file is a state_dict for `build`'s module; False when it is the model."""
         return self.build is not None
-
-    @property
-    def weights_file(self) -> str:
-        """The weights' file name in the archive."""
-        return STATE_FILE if self.state_dict else SCRIPT_FILE
 
 
 class LogitsOutput(nn.Module):
@@ -182,7 +180,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("custom", ("custom",), build=_custom, logits=_tensor_or_out,
            build_defaults=BuildDefaults(needs_classes=True), describe=_describe_custom),
     Family("torchscript", ("torchscript",), load=_load_torchscript, logits=_tensor_or_out,
-           describe=lambda config: {"file": config.weights}, detect=is_torchscript),
+           describe=lambda config: {"file": config.weights}, detect=is_torchscript, weights_file=SCRIPT_FILE),
 )
 _BY_ARCH: dict[str, Family] = {arch: family for family in FAMILIES for arch in family.archs}
 assert len(_BY_ARCH) == sum(len(family.archs) for family in FAMILIES), "an arch name is claimed by two families"

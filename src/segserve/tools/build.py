@@ -292,9 +292,9 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
         if model_file is not None:
             shutil.copy2(model_file, stage / Path(model_file).name)
         with _importable(stage, Path(model_file).stem if model_file else None):
-            if state is None:  # the weights file is the model: shipped as given, checked as the worker loads it
+            if state is None:  # the weights file is the model: checked as the worker loads it, shipped as given
+                check_model_file(config, weights)
                 shutil.copy2(weights, stage / config.weights)
-                check_model_file(config, stage / config.weights)
             else:
                 check_state(config, state)
                 # Clones: safetensors refuses tensors that share memory (tied weights).
