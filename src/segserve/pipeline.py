@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from . import decode, tiling
 from . import encoders as encode
 from . import v2 as oip
 from .config import ServingConfig
-from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
+from .errors import InternalError, PayloadTooLarge, RequestError
 from .families import load_model
 from .metrics import Metrics
 from .options import Options, parse_options
@@ -56,10 +57,10 @@ class Response:
 
     @property
     def phrase(self) -> str:
-        return HTTP_PHRASES.get(self.status, "")
+        return HTTPStatus(self.status).phrase
 
     @classmethod
-    def from_error(cls, error: SegservError) -> Response:
+    def from_error(cls, error: RequestError) -> Response:
         return cls(error.status, "application/json", json.dumps(error.to_dict()).encode(), error.type)
 
 
@@ -88,7 +89,7 @@ class Prediction:
     logits: torch.Tensor | None = None
     mask: np.ndarray | None = None
     probs: np.ndarray | None = None
-    error: SegservError | None = None
+    error: RequestError | None = None
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -297,7 +298,7 @@ class Segmenter:
         name = request_name(request.id, index)
         try:
             yield
-        except SegservError as error:
+        except RequestError as error:
             logger.info("request %s refused: %s %s: %s", name, error.status, error.type, error.message)
             failed[index] = self.error_response(error, request)
         except Exception:  # a bug of ours, or e.g. out of GPU memory, must not take the batch down
@@ -346,7 +347,7 @@ class Segmenter:
                 if item.options.format == "probs":
                     return Prediction(probs=self.tiled_probs(item.image, item.options.classes))
                 return Prediction(mask=self.tiled_mask(item.image))
-        except SegservError as error:
+        except RequestError as error:
             return Prediction(error=error)
         except Exception:  # e.g. out of memory: this request fails, the batch goes on
             logger.exception("request %s: unexpected error in tiled inference",
@@ -362,7 +363,7 @@ class Segmenter:
                 with self.metrics.time("encode", item.index):
                     responses[item.index] = self.encode(prediction, item)
                 self.metrics.answered(item.width, item.height, item.index)
-            except SegservError as error:
+            except RequestError as error:
                 logger.info("request %s failed: %s %s: %s", request_name(item.request_id, item.index),
                             error.status, error.type, error.message)
                 responses[item.index] = self.error_response(error, v2=item.v2)
@@ -376,7 +377,7 @@ class Segmenter:
         return [responses[i] for i in range(count)]
 
     @staticmethod
-    def error_response(error: SegservError, request: Request | None = None,
+    def error_response(error: RequestError, request: Request | None = None,
                        v2: oip.V2Request | None = None) -> Response:
         """The error in the request's own protocol: v2 requests get a v2 error body."""
         if v2 is None:

@@ -32,7 +32,7 @@ from PIL import Image
 from . import decode
 from . import encoders as encode
 from .config import Limits, ServingConfig
-from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, SegservError, UnprocessableEntity
+from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, RequestError, UnprocessableEntity
 from .options import header, parse_classes
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -95,7 +95,7 @@ def split_body(inputs: dict[str, Any], headers: dict[str, Any]) -> tuple[dict[st
 
 
 def parse(inputs: dict[str, Any], headers: dict[str, Any], config: ServingConfig) -> V2Request:
-    """A v2 request -> its image (RGB) and answer settings; SegservError (400/413/422) if it is unusable."""
+    """A v2 request -> its image (RGB) and answer settings; RequestError (400/413/422) if it is unusable."""
     doc, binary = split_body(inputs, headers)
     if len(doc["inputs"]) != 1:
         raise UnprocessableEntity(f"one input per request (an image), got {len(doc['inputs'])}; send each image "
@@ -138,7 +138,7 @@ def request_id(inputs: dict[str, Any], headers: dict[str, Any]) -> str | None:
     """The request's `id` when the body can be read that far (for error answers)."""
     try:
         value = split_body(inputs, headers)[0].get("id")
-    except SegservError:
+    except RequestError:
         return None
     return None if value is None else str(value)
 
@@ -236,7 +236,7 @@ def answer(mask: np.ndarray, request: V2Request, config: ServingConfig) -> tuple
     return json.dumps(doc, separators=(",", ":")).encode(), "application/json", {}
 
 
-def error_body(error: SegservError, request_id: str | None = None) -> bytes:
+def error_body(error: RequestError, request_id: str | None = None) -> bytes:
     """A v2 error (`{"error": message}`, what v2 clients read) plus segserve's code, type and message."""
     doc: dict[str, Any] = {"error": error.message, **error.to_dict()}
     if request_id is not None:
