@@ -11,6 +11,7 @@ import logging
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from segserve import families
 from segserve.config import ServingConfig
 from segserve.metrics import Metrics, torchserve_sink
 from segserve.pipeline import Segmenter, log_batch, pick_device
@@ -56,7 +57,7 @@ class SegmenterHandler(BaseHandler):
         return {
             "model": config.name,
             "version": config.version,
-            "arch": config.arch,
+            **families.describe(config),  # family, arch and what the family adds (e.g. arch_params)
             "input_size": list(config.input_size),
             "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
         }

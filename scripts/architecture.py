@@ -758,71 +758,13 @@ class FlowRun:
         return [c.name.rsplit(".", 1)[-1] for c in self.calls if c.depth == 0]
 
 
-# The handler driven in this process. segserve.tools.inprocess (#15) offers the same names for the same
-# purpose; once it is in, `from segserve.tools.inprocess import Reply, Request, handle, load_handler`
-# replaces the next four definitions.
-@dataclass(frozen=True)
-class Request:
-    """One request as TorchServe hands it to the handler: inputs by name, headers (HTTP headers, and per
-    input {"content-type": ...})."""
-
-    inputs: dict[str, Any]
-    headers: dict[str, Any] = field(default_factory=dict)
-    id: str | None = None
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What the worker sends back for one request (what is drawn of it)."""
-
-    status: int
-    content_type: str | None
-    body: bytes
-
-
-def load_handler(model_dir: Path):
-    """The unzipped archive's handler as TorchServe's Python backend loads it: its own model loader
-    (ts.model_loader, which reads the manifest and model-config.yaml into a ts.context.Context) and
-    metrics cache; the handler with its context."""
-    import ts
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-    from ts.model_loader import TsModelLoader
-
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    metrics.initialize_cache()
-    sys.modules.pop(Path(manifest["handler"]).stem, None)
-    sys.path.append(str(model_dir))  # as the backend does; after src/, so segserve is this tree's
-    try:
-        service = TsModelLoader().load(manifest["modelName"], str(model_dir), manifest["handler"], None, 8, None,
-                                       True, metrics)
-    finally:
-        sys.path.remove(str(model_dir))
-    handler = service._entry_point.__self__  # the handler's bound handle()
-    handler.context = service.context
-    return handler
-
-
-def handle(handler, requests: list[Request]) -> list[Reply]:
-    """One batch through handler.handle(data, context), the request ids and headers set on the context as
-    TorchServe's worker sets them (ts/service.py); per request its status, content type and body."""
-    from ts.context import RequestProcessor
-
-    context = handler.context
-    ids = {i: request.id or f"request-{i}" for i, request in enumerate(requests)}
-    context.request_ids, context.metrics.request_ids = ids, ids
-    context.request_processor = [RequestProcessor(dict(request.headers)) for request in requests]
-    bodies = handler.handle([request.inputs for request in requests], context)
-    return [Reply(context.get_response_status(i)[0], context.get_response_content_type(i), body)
-            for i, body in enumerate(bodies)]
-
-
-def sample_batch(model_dir: Path) -> tuple[list[Request], list[str]]:
+def sample_batch(model_dir: Path) -> tuple[list, list[str]]:
     """A PNG; a form asking for the tiled path (tile=on, as images over tiling.auto_above_pixels take it
     on their own) with an image of a few windows; a body that is no image."""
     from PIL import Image
 
     from segserve.config import ServingConfig
+    from segserve.tools.inprocess import Request
     from segserve.tools.synthetic import generate_scene
 
     config = ServingConfig.from_yaml(model_dir / "model-config.yaml")
@@ -834,7 +776,7 @@ def sample_batch(model_dir: Path) -> tuple[list[Request], list[str]]:
         Image.fromarray(generate_scene(seed, size)[0]).save(buffer, "PNG")
         return buffer.getvalue()
 
-    def request(i: int, accept: str, **fields: tuple[str, bytes]) -> Request:
+    def request(i: int, accept: str, **fields: tuple[str, bytes]):
         return Request({name: value for name, (_, value) in fields.items()},
                        {"Accept": accept, **{name: {"content-type": kind} for name, (kind, _) in fields.items()}},
                        f"request-{i}")
@@ -849,8 +791,11 @@ def sample_batch(model_dir: Path) -> tuple[list[Request], list[str]]:
 
 
 def trace_flow(model_dir: Path, max_depth: int = MAX_DEPTH) -> FlowRun:
-    """Load the archive (unzipped in model_dir), then trace one batch through its handler."""
-    handler = load_handler(model_dir)
+    """Load the archive (unzipped in model_dir), then trace one batch through its handler, called the way
+    a TorchServe worker calls it (segserve.tools.inprocess)."""
+    from segserve.tools.inprocess import handle, load_handler
+
+    handler = load_handler(model_dir, handler_file=model_dir / "segmenter_handler.py")
     package = Path(sys.modules[PACKAGE].__file__).resolve().parent
     # The file of the handler's class (its module need not be in sys.modules): where its methods are.
     handler_file = next(Path(f.__code__.co_filename).resolve() for f in vars(type(handler)).values()

@@ -16,8 +16,8 @@ def test_describe_shows_version_architecture_input_size_and_classes(server, conf
     assert response.status_code == 200
     custom = response.json()[0]["customizedMetadata"]
     assert custom == {
-        "model": config.name, "version": config.version, "arch": config.arch,
-        "input_size": list(config.input_size),
+        "model": config.name, "version": config.version, "family": "unet", "arch": config.arch,
+        "arch_params": dict(config.arch_params), "input_size": list(config.input_size),
         "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
     }
 

@@ -132,8 +132,9 @@ def test_an_unexpected_failure_while_encoding_is_a_500_for_that_request_only(arg
 def test_describe_answers_the_model_card_keys(argmax, config):
     (reply,) = handle(argmax, [Request({"body": b""}, {"describe": "True"})])
     card = json.loads(reply.body)
-    assert set(card) == {"model", "version", "arch", "input_size", "classes"}
+    assert set(card) == {"model", "version", "family", "arch", "file", "input_size", "classes"}
     assert card["input_size"] == list(config.input_size) and card["arch"] == "torchscript"
+    assert card["family"] == "torchscript" and card["file"] == "model.pt"  # the stand-in's weights file
 
 
 def test_stage_metrics_reach_the_context_with_the_request_slot(argmax):

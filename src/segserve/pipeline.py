@@ -170,15 +170,14 @@ class Segmenter:
         self.forward(torch.zeros(1, 3, height, width))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode."""
+        """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode.
+
+        The model is `families.load_model`'s: its family's adapter already makes the output a logits tensor."""
         batch = batch.to(self.device, non_blocking=True)
         if self.config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            output = self.model(batch)
-            if isinstance(output, dict):  # torchvision segmentation models return {"out": ..., "aux": ...}
-                output = output["out"]
-            return output
+            return self.model(batch)
 
     def _autocast(self):
         """Mixed precision per `runtime.precision`; float32 (no autocast) where it would not pay."""
