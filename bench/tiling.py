@@ -38,6 +38,7 @@ from PIL import Image  # noqa: E402
 
 from segserve.tiling import window_starts  # noqa: E402
 from segserve.tools.inprocess import Request, handle, load_handler, read_model_yaml  # noqa: E402
+from segserve.tools.scoring import class_iou, confusion_matrix  # noqa: E402
 from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 BAND = 8  # px either side of a window edge
@@ -45,13 +46,8 @@ SEED_START = 50_000  # away from training (1,000,000+) and evaluation (0..199) s
 
 
 def class_ious(mask: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> list[float]:
-    if where is not None:
-        mask, truth = mask[where], truth[where]
-    ious = []
-    for c in range(3):
-        union = ((mask == c) | (truth == c)).sum()
-        ious.append(float(((mask == c) & (truth == c)).sum() / union) if union else float("nan"))
-    return ious
+    """Per-class IoU of the default model's 3 classes (segserve.tools.scoring, as make evaluate scores)."""
+    return class_iou(confusion_matrix(truth, mask, 3, where)).tolist()
 
 
 def edge_bands(height: int, width: int, tile: tuple[int, int], overlap: float) -> np.ndarray:

@@ -22,18 +22,8 @@ from tqdm import tqdm  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.families import load_model  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
+from segserve.tools.scoring import class_iou, confusion_matrix, pixel_accuracy  # noqa: E402
 from segserve.tools.synthetic import generate_scene  # noqa: E402
-
-
-def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
-    return np.bincount(truth.ravel().astype(np.int64) * classes + predicted.ravel(),
-                       minlength=classes * classes).reshape(classes, classes)
-
-
-def iou_from_confusion(matrix: np.ndarray) -> np.ndarray:
-    hits = np.diag(matrix).astype(np.float64)
-    union = matrix.sum(0) + matrix.sum(1) - hits
-    return np.divide(hits, union, out=np.full_like(hits, np.nan), where=union > 0)
 
 
 def evaluate(segmenter: Segmenter, seeds: range, size: tuple[int, int], batch: int = 16) -> dict:
@@ -44,14 +34,14 @@ def evaluate(segmenter: Segmenter, seeds: range, size: tuple[int, int], batch: i
         scenes = [generate_scene(seed, size) for seed in seeds[start:start + batch]]
         masks = segmenter.predict([Image.fromarray(image) for image, _ in scenes])
         for (_, truth), mask in zip(scenes, masks, strict=True):
-            matrix += confusion(truth, mask, classes)
-    iou = iou_from_confusion(matrix)
+            matrix += confusion_matrix(truth, mask, classes)
+    iou = class_iou(matrix)
     return {
         "images": len(seeds),
         "size": list(size),
         "iou": {name: round(float(v), 4) for name, v in zip(segmenter.config.class_names, iou, strict=True)},
         "miou": round(float(np.nanmean(iou)), 4),
-        "pixel_accuracy": round(float(np.diag(matrix).sum() / matrix.sum()), 4),
+        "pixel_accuracy": round(pixel_accuracy(matrix), 4),
     }
 
 

@@ -1,17 +1,16 @@
-"""Shared fixtures: the default config, small images, and (for integration tests) a real TorchServe."""
+"""Shared fixtures: the default config and model, and (for integration tests) a real TorchServe.
+Shared helpers that are not fixtures live in tests/support."""
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from support import MODEL, MODEL_CONFIG, REPO  # noqa: E402
 
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
@@ -19,26 +18,10 @@ from segserve.tools.build import build  # noqa: E402
 from segserve.tools.inprocess import load_handler  # noqa: E402
 from segserve.tools.server import TorchServe, free_ports  # noqa: E402
 
-MODEL_CONFIG = REPO / "model" / "model-config.yaml"
-MODEL = "segmenter"
-
 
 @pytest.fixture(scope="session")
 def config() -> ServingConfig:
     return ServingConfig.from_yaml(MODEL_CONFIG)
-
-
-def encode_image(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4}.get(mode)
-    shape = (height, width, channels) if channels else (height, width)
-    return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode)
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +30,6 @@ def model_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("store") / "model-store"
     build(MODEL, MODEL_CONFIG, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
     return store
-
-
-def miou(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Mean IoU over the default model's 3 classes (a class absent from both counts as 0)."""
-    return np.mean([((mask == c) & (truth == c)).sum() / max(((mask == c) | (truth == c)).sum(), 1)
-                    for c in range(3)])
 
 
 @pytest.fixture(scope="session")

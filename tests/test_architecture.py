@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import MODEL, REPO
+from support import MODEL, REPO
 
 sys.path.insert(0, str(REPO))
 from scripts import architecture  # noqa: E402

@@ -12,20 +12,14 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-from handlers import model_yaml
 from PIL import Image
+from support import REPO, jpeg
+from support.handlers import model_yaml
 
 from segserve.config import ConfigError, ServingConfig
 from segserve.plan import Planner
 from segserve.tools.inprocess import Request, handle, load_handler
 from segserve.tools.synthetic import generate_scene
-
-
-def jpeg(image: Image.Image, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92, **params)
-    return buffer.getvalue()
 
 
 def scene(seed: int, size: tuple[int, int]) -> Image.Image:

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
 from PIL import Image
+from support import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import zipfile
 import pytest
 import torch
 import yaml
-from conftest import REPO
 from safetensors.torch import save_file
+from support import REPO
 
 from segserve.config import ServingConfig
 from segserve.families import build_model

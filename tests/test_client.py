@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import requests
-from conftest import encode_image
 from PIL import Image
+from support import encode_image
 
 from segserve.client import Prediction, SegservClient, SegservError, read_key, resolve_token
 from segserve.client import api as client_module

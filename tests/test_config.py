@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODEL_CONFIG, REPO
+from support import MODEL_CONFIG, REPO
 
 from segserve.config import ConfigError, ServingConfig
 from segserve.tools.build import TORCHSERVE_MODEL_KEYS, BuildError, build, check_torchserve_keys

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import MODEL, encode_image
 from PIL import Image
 from pycocotools import mask as coco_mask
+from support import MODEL, encode_image, jpeg
 
 from segserve.tools.synthetic import generate_scene
 
@@ -51,8 +51,6 @@ def test_every_input_kind_gives_the_same_mask(server, expected):
         assert np.array_equal(as_mask(response.content), expected)
 
 
-def jpeg(image, **params):
-    return encode_image(image, "JPEG", quality=95, **params)
 
 
 def exif_rotated(image):

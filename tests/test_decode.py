@@ -4,8 +4,8 @@ import base64
 
 import numpy as np
 import pytest
-from conftest import encode_image, random_image
 from PIL import Image
+from support import encode_image, random_image
 
 from segserve.config import Limits
 from segserve.decode import ImageFile, decode_image, extract_image_bytes, to_rgb

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import MODEL, REPO, encode_image, random_image
+from support import MODEL, REPO, encode_image, random_image
 from v2_client import image_input, parse, request_body
 
 from segserve.tools.server import free_ports, java_environment, stop_process_group

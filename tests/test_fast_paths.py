@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
 from PIL import Image
+from support import REPO, jpeg
 
 from segserve.pipeline import Segmenter
 from segserve.tools.synthetic import generate_scene
@@ -101,12 +101,6 @@ def test_channels_last_model_gives_the_same_masks(config):
     assert kernel.is_contiguous(memory_format=torch.channels_last)
 
 
-def jpeg(image: Image.Image, **params) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92, **params)
-    return buffer.getvalue()
 
 
 def test_draft_decoding_reduces_a_large_jpeg_but_never_below_the_model_input(config):

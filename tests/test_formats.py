@@ -6,16 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REPO, encode_image, random_image
-from handlers import ask as ask_handler
-from handlers import model_yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
+from support import REPO, encode_image, random_image
+from support.handlers import ask as ask_handler
+from support.handlers import model_yaml
 
 from segserve import formats
 from segserve.encoders import polygons, remove_small_regions
 from segserve.options import Options
 from segserve.tools.inprocess import load_handler
+from segserve.tools.scoring import binary_iou
 from segserve.tools.synthetic import generate_scene
 
 
@@ -39,9 +40,6 @@ def rasterize(shapes, size):
     return np.asarray(canvas, dtype=bool)
 
 
-def iou(a, b):
-    union = (a | b).sum()
-    return 1.0 if union == 0 else (a & b).sum() / union
 
 
 def test_json_has_bbox_per_class(handler):
@@ -77,7 +75,7 @@ def test_polygons_rasterize_back_to_the_mask(handler):
             assert entry["geometry"]["type"] == "MultiPolygon"
             for shape in entry["geometry"]["coordinates"]:
                 assert all(ring[0] == ring[-1] for ring in shape)
-            score = iou(rasterize(entry["geometry"]["coordinates"], mask.shape), mask == entry["id"])
+            score = binary_iou(rasterize(entry["geometry"]["coordinates"], mask.shape), mask == entry["id"])
             assert score >= 0.98, (seed, entry["name"], score)
             scores.append(score)
     assert len(scores) >= 16
@@ -89,7 +87,7 @@ def test_polygon_holes():
     ring[7:13, 7:13] = False
     (shape,) = polygons(ring)
     assert len(shape) == 2  # exterior + one hole
-    assert iou(rasterize([shape], ring.shape), ring) >= 0.98
+    assert binary_iou(rasterize([shape], ring.shape), ring) >= 0.98
 
 
 def test_min_area_drops_small_regions_only():

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import MODEL, REPO
+from support import MODEL, REPO
 
 sys.path.insert(0, str(REPO))
 from bench.hostile import Case, fuzz_case  # noqa: E402

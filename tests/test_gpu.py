@@ -5,8 +5,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, encode_image
 from PIL import Image
+from support import REPO, encode_image
 
 from segserve.pipeline import Segmenter, pick_device
 from segserve.tools.inprocess import Request, handle, load_handler

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
 from PIL import Image
+from support import REPO
 
 from segserve.tools.server import free_ports
 

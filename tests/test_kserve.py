@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import requests
 import yaml
-from conftest import MODEL, REPO, encode_image
 from PIL import Image
+from support import MODEL, REPO, encode_image
 from v2_client import image_input, mask_output, parse, request_body
 
 from segserve.tools.deploy import kserve_layout

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import requests
-from conftest import MODEL, encode_image, miou
 from PIL import Image
 from pycocotools import mask as coco_mask
+from support import MODEL, encode_image, miou
 
 from segserve.client import SegservClient
 from segserve.tools.synthetic import generate_scene

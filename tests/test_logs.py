@@ -9,7 +9,7 @@ import os
 
 import pytest
 import requests
-from conftest import MODEL
+from support import MODEL
 from test_security import wait_for_log_line
 
 pytestmark = pytest.mark.integration

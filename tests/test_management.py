@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from conftest import MODEL, encode_image, random_image
+from support import MODEL, encode_image, random_image
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import MODEL, encode_image, random_image
-from handlers import stand_in_handler
+from support import MODEL, encode_image, random_image
+from support.handlers import stand_in_handler
 from torch import nn
 from ts.metrics.metric_type_enum import MetricTypes
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from support import REPO
 from test_docs import examples
 
 pytestmark = pytest.mark.integration

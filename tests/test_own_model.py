@@ -12,9 +12,9 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import MODEL_CONFIG, REPO, encode_image, random_image
 from PIL import Image
 from safetensors.torch import save_file
+from support import MODEL_CONFIG, REPO, encode_image, random_image
 
 from segserve import families
 from segserve.config import ServingConfig

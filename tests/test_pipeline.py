@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import encode_image, random_image
-from handlers import ask, stand_in_handler
 from PIL import Image
+from support import encode_image, random_image
+from support.handlers import ask, stand_in_handler
 
 from segserve import formats
 from segserve.config import ServingConfig

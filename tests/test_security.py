@@ -16,8 +16,8 @@ import psutil
 import pytest
 import requests
 import torch
-from conftest import MODEL, MODEL_CONFIG, REPO, encode_image, random_image
 from PIL import Image
+from support import MODEL, MODEL_CONFIG, REPO, encode_image, random_image
 
 from segserve.families import load_state_dict
 from segserve.tools.build import build

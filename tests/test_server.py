@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import MODEL, encode_image, random_image
 from PIL import Image
+from support import MODEL, encode_image, random_image
 
 from segserve.tools.synthetic import generate_scene
 

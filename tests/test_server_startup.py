@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import requests
 import yaml
-from conftest import REPO
+from support import REPO
 
 from segserve.client import SegservClient
 from segserve.config import ServingConfig

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import requests
-from conftest import MODEL, REPO
+from support import MODEL, REPO
 
 sys.path.insert(0, str(REPO))
 from bench.soak import run_soak, table  # noqa: E402

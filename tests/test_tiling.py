@@ -6,8 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import encode_image, miou
 from PIL import Image
+from support import encode_image, miou
 
 from segserve.tiling import (
     blended_bands,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import requests
-from conftest import MODEL, REPO, encode_image, random_image
+from support import MODEL, REPO, encode_image, random_image
 
 from segserve.tools.server import ServerError, TorchServe, free_ports, tls_from_env
 

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import encode_image, random_image
-from handlers import stand_in_handler
 from PIL import Image
+from support import encode_image, random_image
+from support.handlers import stand_in_handler
 from test_pipeline import dominant_channel_image
 from v2_client import HEADER_LENGTH, image_input, mask_output, parse, request_body
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import MODEL, encode_image
 from PIL import Image
+from support import MODEL, encode_image
 from v2_client import HEADER_LENGTH, image_input, mask_output, parse, request_body
 
 from segserve.tools.synthetic import generate_scene

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 import yaml
-from conftest import MODEL_CONFIG
 from torch import nn
 
 from segserve.tools.inprocess import Reply, Request, handle, load_handler
+from support import MODEL_CONFIG
 
 
 class ChannelArgmax(nn.Module):

@@ -1,0 +1,38 @@
+"""Helpers the tests share (tests/conftest.py keeps only fixtures): where things are, images to send,
+and how good a mask is. `from support import ...` in a test; support.handlers drives the handler in-process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segserve.tools.scoring import mean_iou
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_CONFIG = REPO / "model" / "model-config.yaml"
+MODEL = "segmenter"
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def jpeg(image: Image.Image, quality: int = 92, **params) -> bytes:
+    return encode_image(image, "JPEG", quality=quality, **params)
+
+
+def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (height, width, channels) if channels else (height, width)
+    return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode)
+
+
+def miou(mask: np.ndarray, truth: np.ndarray) -> float:
+    """Mean IoU over the default model's 3 classes (segserve.tools.scoring, as make evaluate scores)."""
+    return mean_iou(truth, mask, 3)
