@@ -74,7 +74,7 @@ def test_the_certificate_is_checked_and_plain_http_is_refused(tls_server):
 
 
 @pytest.mark.integration
-def test_segserve_client_and_curl_with_the_certificate(tls_server, tmp_path):
+def test_segserve_client_and_curl_with_the_certificate(tls_server):
     # requests (and so segserve's client and CLI) trust a CA file named by REQUESTS_CA_BUNDLE.
     env = dict(os.environ, REQUESTS_CA_BUNDLE=tls_server.verify, SEGSERVE_URL=tls_server.inference_url,
                SEGSERVE_TOKEN=tls_server.keys()["inference"])
