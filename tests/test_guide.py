@@ -74,8 +74,9 @@ def test_worked_example_trains_builds_serves_and_predicts(tmp_path):
     project = tmp_path / "project"
     copy_project(project)
     ports = free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management")
+    # PYTHONPATH: the copy's segserve for every step (the venv's own install may be another checkout's).
     env = dict(os.environ, **{f"SEGSERVE_{name.upper()}_PORT": str(port) for name, port in ports.items()},
-               SEGSERVE_URL=f"http://127.0.0.1:{ports['inference']}")
+               SEGSERVE_URL=f"http://127.0.0.1:{ports['inference']}", PYTHONPATH=str(project / "src"))
     env.pop("SEGSERVE_MODELS", None)
     env.pop("SEGSERVE_TOKEN", None)
     installed = editable_installs()
