@@ -25,7 +25,7 @@ help:
 	@echo "make mar        build $(MAR); other models: make mar MAR_ARGS=\"--arch ... --weights ...\""
 	@echo "make train      retrain the default model into $(WEIGHTS) (~10 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
-	@echo "make figures    regenerate docs/sample-*.png"
+	@echo "make figures    regenerate docs/sample-*.png and docs/architecture-*.png (checks the worker boundary)"
 	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (15+ min)"
 	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (15+ min)"
 	@echo "make soak       16 clients of good and bad requests, kill -9 a worker, scale: bench/results/soak.json (~4 min)"

@@ -10,8 +10,9 @@ machine that ran them. Results: bench/results/<name>.json and .png, and a table 
 
 Contenders:
   forward   the model alone: forward passes of ready-made input batches of the same size (GPU default)
-  raw       the served archive's own model and config, `Segmenter.handle_batch` called in a loop in this
-            process with batches of min(clients, batchSize): the same decode/forward/encode, no HTTP
+  raw       the served archive's handler on its own model and config, called in a loop in this process the
+            way a worker calls it (`handler.handle`, segserve.tools.inprocess) with batches of
+            min(clients, batchSize): the same code a TorchServe worker runs, no HTTP, no frontend
   segserve  TorchServe + our handler, PNG masks (`Accept: image/png`), N concurrent HTTP clients
   stock     TorchServe's built-in `image_segmenter` handler on the same architecture and weights
 """
@@ -47,8 +48,8 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.photos import photo_jpeg  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
-from segserve.pipeline import Request, Segmenter  # noqa: E402
 from segserve.tools.build import build  # noqa: E402
+from segserve.tools.inprocess import Request, handle, load_handler  # noqa: E402
 from segserve.tools.server import TorchServe, free_ports  # noqa: E402
 from segserve.tools.synthetic import generate_scene  # noqa: E402
 
@@ -186,17 +187,17 @@ def stock_archive(name: str, store: Path, work: Path, config_path: Path, weights
 def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept: str = "image/png") -> Result:
     """The ceiling: the archive's model and code in this process, batches as TorchServe would form them
     (on the GPU where there is one, as a served worker would be)."""
-    segmenter, served_batch = load_raw(workload, work)
+    handler, served_batch = load_raw(workload, work)
     batch_size = min(concurrency, served_batch)
     headers = {"Accept": accept, "body": {"content-type": workload.content_type}}
     requests_ = [Request(inputs={"body": workload.images[i % len(workload.images)]}, headers=headers)
                  for i in range(count)]
-    segmenter.handle_batch(requests_[:batch_size])  # warm-up
+    handle(handler, requests_[:batch_size])  # warm-up
     latencies, sizes, errors = [], [], 0
     started = time.perf_counter()
     for start in range(0, count, batch_size):
         batch_started = time.perf_counter()
-        responses = segmenter.handle_batch(requests_[start:start + batch_size])  # ends with masks on the CPU
+        responses = handle(handler, requests_[start:start + batch_size])  # ends with masks on the CPU
         elapsed = time.perf_counter() - batch_started
         for response in responses:
             latencies.append(elapsed)
@@ -209,7 +210,8 @@ def run_raw(workload: Workload, work: Path, concurrency: int, count: int, accept
 
 def run_forward(workload: Workload, work: Path, concurrency: int, count: int) -> Result:
     """The model alone: forward passes on ready-made input batches on the device, no decode, mask or encode."""
-    segmenter, served_batch = load_raw(workload, work)
+    handler, served_batch = load_raw(workload, work)
+    segmenter = handler.segmenter
     batch_size = min(concurrency, served_batch)
     height, width = segmenter.config.input_size
     batch = torch.randn(batch_size, 3, height, width, device=segmenter.device)
@@ -232,21 +234,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_RAW: dict[str, tuple[Segmenter, int]] = {}
-DEVICE = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+_RAW: dict[str, tuple[object, int]] = {}
+GPU_ID = 0 if torch.cuda.is_available() else None  # as TorchServe assigns a worker its GPU
 DEFAULT_THREADS = torch.get_num_threads()
 
 
-def load_raw(workload: Workload, work: Path) -> tuple[Segmenter, int]:
-    """The archive's own model and config, and the batch size TorchServe would use for it."""
-    import yaml
-
+def load_raw(workload: Workload, work: Path) -> tuple[object, int]:
+    """The archive's handler, initialized on the unpacked archive as a worker does, and the batch size
+    TorchServe would use for it."""
     if workload.name not in _RAW:
         target = work / f"raw-{workload.name}"
         with zipfile.ZipFile(workload.archive) as archive:
             archive.extractall(target)
-        batch_size = int(yaml.safe_load((target / "model-config.yaml").read_text()).get("batchSize", 1))
-        _RAW[workload.name] = Segmenter.from_model_dir(target, device=DEVICE), batch_size
+        handler = load_handler(target, gpu_id=GPU_ID)
+        _RAW[workload.name] = handler, int(handler.context.system_properties["batch_size"])
         # The ceiling is one process using every core, whatever a served worker is tuned to.
         torch.set_num_threads(DEFAULT_THREADS)
     return _RAW[workload.name]
@@ -412,7 +413,7 @@ ACCEPT = {"segserve": {"Accept": "image/png"}, "stock": {}}  # stock answers JSO
 
 
 def main(argv: list[str] | None = None) -> int:
-    gpu = DEVICE.type == "cuda"
+    gpu = GPU_ID is not None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="deeplabv3" if gpu else "segmenter,lraspp",
                         help="segmenter, lraspp, deeplabv3 (comma-separated; default segmenter,lraspp, GPU: deeplabv3)")

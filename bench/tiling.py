@@ -3,14 +3,14 @@
 1. Quality: generated scenes at the default model's native scale (generate_scene draws cells
    at the same pixel size at any image size; training crops 256-px scenes without resizing),
    segmented with tile=on and tile=off (the whole image resized to the model input and the
-   logits upsampled); mIoU against the generated truth.
+   logits upsampled), PNG in and PNG mask out through the handler a TorchServe worker runs
+   (`handler.handle`, called in-process by segserve.tools.inprocess); mIoU against the generated truth.
 2. Seams: mIoU in bands of +-BAND px around every window edge vs the rest of the image.
-3. Cost: for each size, a fresh child process loads the model, then answers one request
-   (JPEG bytes in, PNG mask out) through the same pipeline a TorchServe worker runs
-   (Segmenter.handle_batch); it reports the wall and CPU time, the RSS before the request (torch
-   and the model loaded) and the peak RSS during it (Linux VmHWM, reset just before the request:
-   ru_maxrss would carry the parent's peak across exec). Sizes over the default max_pixels run with
-   the limits raised, as a deployment serving them would.
+3. Cost: for each size, a fresh child process loads the handler, then answers one request (JPEG
+   bytes in, PNG mask out) through the same entry point; it reports the wall and CPU time, the RSS
+   before the request (torch and the model loaded) and the peak RSS during it (Linux VmHWM, reset just
+   before the request: ru_maxrss would carry the parent's peak across exec). Sizes over the default
+   max_pixels run with the limits raised (model-config.yaml's), as a deployment serving them would.
 
 Prints a table and writes bench/results/tiling.json.
 """
@@ -18,6 +18,7 @@ Prints a table and writes bench/results/tiling.json.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -25,7 +26,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from segserve.pipeline import Request, Segmenter  # noqa: E402
 from segserve.tiling import window_starts  # noqa: E402
+from segserve.tools.inprocess import Request, handle, load_handler, read_model_yaml  # noqa: E402
 from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 BAND = 8  # px either side of a window edge
@@ -68,19 +68,32 @@ def edge_bands(height: int, width: int, tile: tuple[int, int], overlap: float) -
     return band
 
 
-def quality(segmenter: Segmenter, size: int, scenes: int) -> tuple[dict, list[np.ndarray]]:
-    config = segmenter.config
+def segment(handler, data: bytes, tile: str) -> tuple[int, bytes]:
+    """One request through the handler: the status and the PNG mask (or the error body)."""
+    (reply,) = handle(handler, [Request({"data": data, "format": b"png", "tile": tile.encode()})])
+    return reply.status, reply.body
+
+
+def png_mask(handler, image: np.ndarray, tile: str) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    status, body = segment(handler, buffer.getvalue(), tile)
+    assert status == 200, body[:300]
+    return np.asarray(Image.open(io.BytesIO(body)))
+
+
+def quality(handler, size: int, scenes: int) -> tuple[dict, list[np.ndarray]]:
+    config = handler.segmenter.config
     per_scene, images = [], []
     sums = {"tiled": [], "downscaled": [], "band": [], "interior": []}
     for i in range(scenes):
         seed = SEED_START + i
         image, truth = generate_scene(seed, (size, size))
         images.append(image)
-        pil = Image.fromarray(image)
         started = time.perf_counter()
-        (tiled,) = segmenter.predict([pil], tile="on")
+        tiled = png_mask(handler, image, "on")
         seconds = time.perf_counter() - started
-        (downscaled,) = segmenter.predict([pil], tile="off")
+        downscaled = png_mask(handler, image, "off")
         band = edge_bands(size, size, config.tile_size, config.tiling.overlap)
         row = {"seed": seed, "size": size, "tiled_seconds": round(seconds, 2)}
         for name, ious in (("tiled", class_ious(tiled, truth)), ("downscaled", class_ious(downscaled, truth)),
@@ -109,23 +122,23 @@ def mosaic(images: list[np.ndarray], size: int) -> np.ndarray:
 
 def child(path: Path, tile: str) -> None:
     """One request in a fresh process: print JSON with seconds, RSS before it and peak RSS (MiB)."""
-    segmenter = Segmenter.from_model_dir(REPO / "model")
-    limits = replace(segmenter.config.limits, max_pixels=10**9, max_bytes=10**9)
-    segmenter.config = replace(segmenter.config, limits=limits)
+    doc = read_model_yaml(REPO / "model")
+    doc["handler"]["limits"] = {**doc["handler"].get("limits", {}), "max_pixels": 10**9, "max_bytes": 10**9}
+    handler = load_handler(REPO / "model", model_yaml_config=doc)
     data = path.read_bytes()
     before = psutil.Process().memory_info().rss / 2**20  # now, with torch and the model loaded
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     cpu, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    (response,) = segmenter.handle_batch([Request(inputs={"data": data, "format": b"png", "tile": tile.encode()})])
+    status, body = segment(handler, data, tile)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmHWM:")) / 1024
-    assert response.status == 200, response.body[:300]
+    assert status == 200, body[:300]
     cpu_seconds = usage.ru_utime + usage.ru_stime - cpu.ru_utime - cpu.ru_stime
     print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                       "rss_before_mib": round(before), "peak_rss_mib": round(peak),
-                      "response_bytes": len(response.body)}))
+                      "response_bytes": len(body)}))
 
 
 def cost(images: list[np.ndarray], sizes: list[int], tiles: list[str], scratch: Path) -> list[dict]:
@@ -161,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.tile)
         return 0
 
-    segmenter = Segmenter.from_model_dir(REPO / "model")
-    config = segmenter.config
+    handler = load_handler(REPO / "model")
+    config = handler.segmenter.config
     print(f"tile {config.tile_size}, overlap {config.tiling.overlap}, batch {config.tiling.batch}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
     print(f"quality: {args.scenes} generated {args.quality_size}x{args.quality_size} scenes", flush=True)
-    quality_result, images = quality(segmenter, args.quality_size, args.scenes)
+    quality_result, images = quality(handler, args.quality_size, args.scenes)
     print("time and peak RSS, one request per fresh process:", flush=True)
     scratch = args.out.parent
     scratch.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """TorchServe glue for segserve: maps TorchServe's request list and context onto `segserve.pipeline`.
 
-All the work (decode, transforms, model, encoders, errors) lives in the plain
-`segserve` package shipped intact inside the archive; this file only passes
-data between TorchServe and it and sets each request's status and content type.
+All the work (plan, decode, model, masks, encoders, errors) lives in the plain `segserve` package
+shipped intact inside the archive; this file only passes one `pipeline.Batch` from preprocess to
+inference to postprocess and sets each request's status, content type and headers on the context.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from segserve.config import ServingConfig
 from segserve.metrics import Metrics, torchserve_sink
-from segserve.pipeline import Request, Segmenter, log_batch, pick_device
+from segserve.pipeline import Segmenter, log_batch, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +34,15 @@ class SegmenterHandler(BaseHandler):
         self.initialized = True
 
     def preprocess(self, data):
-        requests = [Request(inputs=item, headers=self.context.get_all_request_header(i) or {},
-                            id=self.context.get_request_id(i)) for i, item in enumerate(data)]
-        return self.segmenter.preprocess(requests), len(requests)
+        slots = range(len(data))
+        return self.segmenter.prepare(data, [self.context.get_all_request_header(i) or {} for i in slots],
+                                      [self.context.get_request_id(i) for i in slots])
 
-    def inference(self, data, *args, **kwargs):
-        (decoded, failed), count = data
-        return decoded, self.segmenter.inference(decoded), failed, count
+    def inference(self, data):
+        return self.segmenter.infer(data)
 
     def postprocess(self, data):
-        responses = self.segmenter.postprocess(*data)
+        responses = self.segmenter.answer(data)
         log_batch(responses)
         for index, response in enumerate(responses):
             self.context.set_response_status(response.status, response.phrase, index)

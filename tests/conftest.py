@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "src"))
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
 from segserve.tools.build import build  # noqa: E402
+from segserve.tools.inprocess import load_handler  # noqa: E402
 from segserve.tools.server import TorchServe, free_ports  # noqa: E402
 
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
@@ -74,6 +75,12 @@ def server(tmp_path_factory, model_store):
 def reference(config):
     """The in-process pipeline on the same weights: what the server must answer."""
     return Segmenter.from_model_dir(REPO / "model", config=config)
+
+
+@pytest.fixture(scope="session")
+def handler():
+    """segmenter_handler.py on model/, initialized and called in this process as a TorchServe worker does it."""
+    return load_handler(REPO / "model")
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from handlers import model_yaml
 from PIL import Image
 
 from segserve.config import ConfigError, ServingConfig
-from segserve.pipeline import Request, Segmenter
+from segserve.plan import Planner
+from segserve.tools.inprocess import Request, handle, load_handler
 from segserve.tools.synthetic import generate_scene
 
 
@@ -31,16 +33,15 @@ def scene(seed: int, size: tuple[int, int]) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def segmenters(config):
-    pillow = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, decoder="pillow"))
-    batched = Segmenter.from_model_dir(REPO / "model", config=dataclasses.replace(config, decoder="torchvision"))
-    return pillow, batched
+def segmenters():
+    """The handler on model/ with each JPEG decoder."""
+    return tuple(load_handler(REPO / "model", model_yaml_config=model_yaml(runtime={"decoder": decoder}))
+                 for decoder in ("pillow", "torchvision"))
 
 
-def answers(segmenter: Segmenter, bodies: list[bytes]) -> list[tuple[int, np.ndarray | dict]]:
-    responses = segmenter.handle_batch([Request({"body": body}, {"Accept": "image/png"}) for body in bodies])
-    return [(r.status, np.asarray(Image.open(io.BytesIO(r.body))) if r.status == 200 else r.body)
-            for r in responses]
+def answers(handler, bodies: list[bytes]) -> list[tuple[int, np.ndarray | dict]]:
+    replies = handle(handler, [Request({"body": body}, {"Accept": "image/png"}) for body in bodies])
+    return [(r.status, np.asarray(Image.open(io.BytesIO(r.body))) if r.status == 200 else r.body) for r in replies]
 
 
 def rotated(orientation: int) -> bytes:
@@ -65,10 +66,10 @@ def test_exif_orientation_is_applied_as_pillow_does(orientation):
 
 
 def test_decoder_choice(config):
-    assert Segmenter(config, model=None).batch_decode is False  # auto on CPU: Pillow
-    assert Segmenter(config, model=None, device="cuda:0").batch_decode is True  # auto on a GPU: nvJPEG
-    assert Segmenter(dataclasses.replace(config, decoder="torchvision"), model=None).batch_decode is True
-    assert Segmenter(dataclasses.replace(config, decoder="pillow"), model=None, device="cuda:0").batch_decode is False
+    assert Planner(config).batch_decode is False  # auto on CPU: Pillow
+    assert Planner(config, "cuda:0").batch_decode is True  # auto on a GPU: nvJPEG
+    assert Planner(dataclasses.replace(config, decoder="torchvision")).batch_decode is True
+    assert Planner(dataclasses.replace(config, decoder="pillow"), "cuda:0").batch_decode is False
     section = {"model": {"name": "m", "arch": "unet", "weights": "w"}, "input": {"size": 64},
                "classes": ["a", "b"], "runtime": {"decoder": "nvjpeg"}}
     with pytest.raises(ConfigError, match="handler.runtime.decoder must be one of auto, pillow, torchvision"):
@@ -103,23 +104,30 @@ def test_a_bad_jpeg_fails_alone_and_other_formats_take_pillows_path(segmenters):
             assert a == b  # the same JSON error, word for word
 
 
+def prepared(handler, bodies: list[bytes]):
+    """The Batch the handler's preprocess hands to its inference (Segmenter.prepare)."""
+    return handler.segmenter.prepare([{"body": body} for body in bodies], [{}] * len(bodies), [None] * len(bodies))
+
+
 def test_model_inputs_are_made_by_torchvision_on_the_models_device(segmenters, monkeypatch):
     pillow, batched = segmenters
     bodies = [jpeg(scene(40, (300, 400))), rotated(6), rotated(7)]
-    expected, _ = pillow.preprocess([Request({"body": body}) for body in bodies])
+    expected = prepared(pillow, bodies)
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("the batch fell back to Pillow")
 
-    monkeypatch.setattr("segserve.pipeline.decode.decode_for_model", no_fallback)
-    decoded, failed = batched.preprocess([Request({"body": body}) for body in bodies])
-    assert not failed and [d.jpeg for d in decoded] == [None] * 3
-    for mine, theirs in zip(decoded, expected, strict=True):
-        assert (mine.width, mine.height) == (theirs.width, theirs.height)
-        assert mine.tensor.shape == (3, 256, 256) and mine.tensor.dtype == torch.float32
-        assert mine.tensor.device == batched.device
+    monkeypatch.setattr("segserve.decode.ImageFile.decode", no_fallback)
+    batch = prepared(batched, bodies)
+    assert not batch.answers and not batch.jpegs and [p.decoder for p in batch.plans.values()] == ["torchvision"] * 3
+    for index in range(3):
+        mine, theirs = batch.model_inputs[index], expected.model_inputs[index]
+        plan = batch.plans[index]
+        assert (plan.width, plan.height) == (expected.plans[index].width, expected.plans[index].height)
+        assert mine.shape == (3, 256, 256) and mine.dtype == torch.float32
+        assert mine.device == batched.segmenter.device
         # Two JPEG decoders and two antialiased resizes: within a few grey levels (std 0.25 -> 1 level = 0.016).
-        assert (mine.tensor - theirs.tensor).abs().mean() < 0.05
+        assert (mine - theirs).abs().mean() < 0.05
 
 
 def test_an_unexpected_failure_preparing_one_image_fails_only_that_request(segmenters, monkeypatch):

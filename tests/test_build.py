@@ -28,12 +28,14 @@ def small_model_dir(tmp_path):
     return tmp_path
 
 
-def test_archive_holds_handler_package_weights_config_and_class_names(small_model_dir, tmp_path):
+def test_archive_holds_handler_package_weights_and_config(small_model_dir, tmp_path):
     mar = build("segmenter", small_model_dir / "model-config.yaml", small_model_dir / "segmenter.safetensors",
                 tmp_path / "store")
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"segmenter_handler.py", "weights.safetensors", "model-config.yaml", "index_to_name.json",
-            "segserve/__init__.py", "segserve/pipeline.py", "MAR-INF/MANIFEST.json"} <= names
+    assert {"segmenter_handler.py", "weights.safetensors", "model-config.yaml",
+            "segserve/__init__.py", "segserve/pipeline.py", "segserve/families.py", "MAR-INF/MANIFEST.json"} <= names
+    # The class names live in model-config.yaml only (no index_to_name.json nobody reads).
+    assert "index_to_name.json" not in names
     assert not any("__pycache__" in n for n in names)
     # Idempotent: building again replaces the archive.
     again = build("segmenter", small_model_dir / "model-config.yaml", small_model_dir / "segmenter.safetensors",

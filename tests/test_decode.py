@@ -8,7 +8,7 @@ from conftest import encode_image, random_image
 from PIL import Image
 
 from segserve.config import Limits
-from segserve.decode import decode_image, extract_image_bytes, to_rgb
+from segserve.decode import ImageFile, decode_image, extract_image_bytes, to_rgb
 from segserve.errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
 LIMITS = Limits(max_bytes=5_000_000, max_pixels=4_000_000)
@@ -114,3 +114,23 @@ def test_extract_errors():
     with pytest.raises(UnsupportedMediaType) as info:
         extract_image_bytes({"body": "some text"})
     assert info.value.status == 415
+
+
+def test_the_header_is_read_before_the_pixels_and_the_limits_refused_at_open():
+    data = encode_image(Image.new("1", (20000, 20000)), "PNG")
+    with pytest.raises(ImageTooLarge):
+        ImageFile(data, LIMITS)
+    truncated = encode_image(random_image(64, 48), "JPEG")
+    file = ImageFile(truncated[: len(truncated) // 2], LIMITS)  # the header is whole: the pixels are not
+    assert (file.header.format, file.header.mode, file.header.width, file.header.height) == ("JPEG", "RGB", 64, 48)
+    with pytest.raises(InvalidImage, match="could not be decoded"):
+        file.decode()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_the_header_size_is_upright_as_the_decoded_image_is(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown turned a quarter
+    file = ImageFile(encode_image(random_image(40, 20), fmt, exif=exif.tobytes()), LIMITS)
+    assert (file.header.width, file.header.height, file.header.orientation) == (20, 40, 8)
+    assert file.decode().size == (20, 40)

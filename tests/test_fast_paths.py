@@ -110,29 +110,29 @@ def jpeg(image: Image.Image, **params) -> bytes:
 
 
 def test_draft_decoding_reduces_a_large_jpeg_but_never_below_the_model_input(config):
-    from segserve.decode import decode_for_model, decode_image
+    from segserve.decode import ImageFile, decode_image
 
     scene = Image.fromarray(generate_scene(7, (768, 1024))[0])
-    image, width, height = decode_for_model(jpeg(scene), config.limits, (256, 256))
-    assert (width, height) == (1024, 768)
-    assert image.size == (512, 384)  # libjpeg's 1/2 scale: 1/4 would be 192 px high, under 256
-    assert decode_for_model(jpeg(scene), config.limits, (520, 520))[0].size == (1024, 768)
+    file = ImageFile(jpeg(scene), config.limits)
+    assert (file.header.width, file.header.height) == (1024, 768)
+    assert file.decode(reduce_to=(256, 256)).size == (512, 384)  # libjpeg's 1/2 scale: 1/4 is 192 high, under 256
+    assert ImageFile(jpeg(scene), config.limits).decode(reduce_to=(520, 520)).size == (1024, 768)
     assert decode_image(jpeg(scene), config.limits).size == (1024, 768)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: the full size is reported upright
-    image, width, height = decode_for_model(jpeg(scene, exif=exif), config.limits, (256, 256))
-    assert (width, height) == (768, 1024) and image.size == (384, 512)
+    file = ImageFile(jpeg(scene, exif=exif), config.limits)
+    assert (file.header.width, file.header.height) == (768, 1024)
+    assert file.decode(reduce_to=(256, 256)).size == (384, 512)
 
 
-def test_draft_decoded_masks_agree_with_full_decoding(config):
-    from segserve.pipeline import Request
+def test_draft_decoded_masks_agree_with_full_decoding(handler):
+    from segserve.tools.inprocess import Request, handle
 
-    segmenter = Segmenter.from_model_dir(REPO / "model", config=config)
     for seed in range(3):
         data = jpeg(Image.fromarray(generate_scene(40 + seed, (768, 1024))[0]))
-        png = segmenter.handle_batch([Request({"body": data}, {"Accept": "image/png"})])[0]
+        (png,) = handle(handler, [Request({"body": data}, {"Accept": "image/png"})])
         mask = np.asarray(Image.open(__import__("io").BytesIO(png.body)))
-        full = segmenter.predict([Image.open(__import__("io").BytesIO(data)).convert("RGB")])[0]
+        full = handler.segmenter.predict([Image.open(__import__("io").BytesIO(data)).convert("RGB")])[0]
         assert mask.shape == full.shape == (768, 1024)
         assert (mask == full).mean() >= 0.995
 

@@ -1,28 +1,32 @@
-"""Every response format from the in-process pipeline, checked against the mask it encodes."""
+"""Every response format, through the handler as TorchServe calls it, checked against the mask it encodes;
+and the format registry itself."""
 
 import io
 import json
 
 import numpy as np
 import pytest
-from conftest import encode_image
+from conftest import REPO, encode_image, random_image
+from handlers import ask as ask_handler
+from handlers import model_yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 
+from segserve import formats
 from segserve.encoders import polygons, remove_small_regions
-from segserve.pipeline import Request
+from segserve.options import Options
+from segserve.tools.inprocess import load_handler
 from segserve.tools.synthetic import generate_scene
 
 
-def ask(reference, image, **fields):
+def ask(handler, image, **fields):
     data = {"data": encode_image(Image.fromarray(image))}
     data.update({k: str(v).encode() for k, v in fields.items()})
-    (response,) = reference.handle_batch([Request(inputs=data)])
-    return response
+    return ask_handler(handler, data)
 
 
-def served_mask(reference, image):
-    return np.asarray(Image.open(io.BytesIO(ask(reference, image, format="png").body)))
+def served_mask(handler, image):
+    return np.asarray(Image.open(io.BytesIO(ask(handler, image, format="png").body)))
 
 
 def rasterize(shapes, size):
@@ -40,33 +44,33 @@ def iou(a, b):
     return 1.0 if union == 0 else (a & b).sum() / union
 
 
-def test_json_has_bbox_per_class(reference):
+def test_json_has_bbox_per_class(handler):
     image, _ = generate_scene(40, (200, 300))
-    body = json.loads(ask(reference, image).body)
-    mask = served_mask(reference, image)
+    body = json.loads(ask(handler, image).body)
+    mask = served_mask(handler, image)
     for entry in body["classes"]:
         rows, cols = np.nonzero(mask == entry["id"])
         if rows.size:
             assert entry["bbox"] == [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
 
 
-def test_rle_decodes_to_exactly_the_served_mask(reference):
+def test_rle_decodes_to_exactly_the_served_mask(handler):
     for seed in range(5):
         image, _ = generate_scene(50 + seed, (231, 317))
-        mask = served_mask(reference, image)
-        body = json.loads(ask(reference, image, format="rle").body)
+        mask = served_mask(handler, image)
+        body = json.loads(ask(handler, image, format="rle").body)
         assert (body["width"], body["height"]) == (317, 231)
         for entry in body["classes"]:
             rle = {"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()}
             assert np.array_equal(coco_mask.decode(rle).astype(bool), mask == entry["id"])
 
 
-def test_polygons_rasterize_back_to_the_mask(reference):
+def test_polygons_rasterize_back_to_the_mask(handler):
     scores = []
     for seed in range(8):
         image, _ = generate_scene(60 + seed, (256, 256))
-        mask = served_mask(reference, image)
-        body = json.loads(ask(reference, image, format="polygons").body)
+        mask = served_mask(handler, image)
+        body = json.loads(ask(handler, image, format="polygons").body)
         for entry in body["classes"]:
             if entry["pixels"] == 0:
                 continue
@@ -96,48 +100,94 @@ def test_min_area_drops_small_regions_only():
     assert kept[15, 15] and not kept[1, 1] and kept.sum() == 100
 
 
-def test_rle_and_polygons_honour_classes_and_min_area(reference):
+def test_rle_and_polygons_honour_classes_and_min_area(handler):
     image, _ = generate_scene(70, (256, 256))
-    body = json.loads(ask(reference, image, format="rle", classes="nucleus", min_area=10_000_000).body)
+    body = json.loads(ask(handler, image, format="rle", classes="nucleus", min_area=10_000_000).body)
     assert [e["name"] for e in body["classes"]] == ["nucleus"]
     assert body["classes"][0]["pixels"] == 0
-    body = json.loads(ask(reference, image, format="polygons", classes="cell").body)
+    body = json.loads(ask(handler, image, format="polygons", classes="cell").body)
     assert [e["name"] for e in body["classes"]] == ["cell"]
 
 
-def test_png_with_class_subset_zeroes_the_others(reference):
+def test_png_with_class_subset_zeroes_the_others(handler):
     image, _ = generate_scene(71, (256, 256))
-    full = served_mask(reference, image)
-    only = np.asarray(Image.open(io.BytesIO(ask(reference, image, format="png", classes="nucleus").body)))
+    full = served_mask(handler, image)
+    only = np.asarray(Image.open(io.BytesIO(ask(handler, image, format="png", classes="nucleus").body)))
     assert np.array_equal(only, np.where(full == 2, 2, 0))
 
 
-def test_probs_are_float16_per_class_and_agree_with_mask(reference):
+def test_probs_are_float16_per_class_and_agree_with_mask(handler):
     image, _ = generate_scene(72, (123, 157))
-    response = ask(reference, image, format="probs")
+    response = ask(handler, image, format="probs")
     assert response.content_type == "application/x-npy"
     probs = np.load(io.BytesIO(response.body), allow_pickle=False)
     assert probs.dtype == np.float16 and probs.shape == (3, 123, 157)
     assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
-    assert (probs.argmax(0) == served_mask(reference, image)).mean() >= 0.995
-    subset = np.load(io.BytesIO(ask(reference, image, format="probs", classes="cell").body))
+    assert (probs.argmax(0) == served_mask(handler, image)).mean() >= 0.995
+    subset = np.load(io.BytesIO(ask(handler, image, format="probs", classes="cell").body))
     assert subset.shape == (1, 123, 157)
 
 
-def test_probs_over_the_response_limit_is_413_with_a_hint(reference, monkeypatch):
-    from dataclasses import replace
-
-    monkeypatch.setattr(reference, "config", replace(reference.config, limits=replace(
-        reference.config.limits, max_response_bytes=1000)))
-    response = ask(reference, generate_scene(73, (64, 64))[0], format="probs")
-    assert response.status == 413
+def test_probs_over_the_response_limit_is_413_with_a_hint():
+    limited = load_handler(REPO / "model", model_yaml_config=model_yaml(limits={"max_response_bytes": 1000}))
+    response = ask(limited, generate_scene(73, (64, 64))[0], format="probs")
+    assert response.status == 413 and response.phrase == "Request Entity Too Large"
     error = json.loads(response.body)
     assert "max_response_bytes" in error["message"] and "format=png" in error["message"]
 
 
 @pytest.mark.parametrize("fmt, content_type", [("overlay", "image/jpeg"), ("png", "image/png")])
-def test_image_formats_at_input_size(reference, fmt, content_type):
+def test_image_formats_at_input_size(handler, fmt, content_type):
     image, _ = generate_scene(74, (99, 141))
-    response = ask(reference, image, format=fmt)
+    response = ask(handler, image, format=fmt)
     assert response.content_type == content_type
     assert Image.open(io.BytesIO(response.body)).size == (141, 99)
+
+
+# -- the registry ----------------------------------------------------------------------------------
+def test_each_accept_media_type_selects_one_format():
+    claimed = [media for entry in formats.REGISTRY.values() for media in entry.accept]
+    assert len(claimed) == len(set(claimed))
+    assert {media: formats.for_accept(media).name for media in claimed} == {
+        "application/json": "json", "image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs"}
+    assert formats.for_accept("text/html, IMAGE/PNG;q=0.9, application/json") is formats.REGISTRY["png"]
+    assert formats.for_accept("*/*") is None and formats.for_accept("") is None
+
+
+@pytest.mark.parametrize("name", [name for name in formats.REGISTRY if name != "probs"])
+@pytest.mark.parametrize("kind", ["noise", "checker"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (64, 48), (257, 131)])
+def test_size_estimates_bound_the_answers_of_hard_masks(config, name, kind, size):
+    width, height = size
+    rng = np.random.default_rng(width)
+    mask = rng.integers(0, 3, (height, width)) if kind == "noise" else np.indices((height, width)).sum(0) % 3
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    entry = formats.REGISTRY[name]
+    body = entry.encode(formats.EncoderInput(mask.astype(np.uint8), Options(format=name), config,
+                                             image if entry.needs_image else None))
+    assert len(body) <= entry.estimate(width, height, config.num_classes)
+
+
+def test_the_probs_estimate_is_its_data_and_only_probs_is_capped(config):
+    probs = np.random.default_rng(0).random((2, 31, 17)).astype(np.float16)
+    body = formats.REGISTRY["probs"].encode(formats.EncoderInput(probs, Options(format="probs"), config))
+    assert formats.REGISTRY["probs"].estimate(17, 31, 2) == probs.nbytes == len(body) - 128  # .npy header
+    assert [name for name, entry in formats.REGISTRY.items() if entry.capped] == ["probs"]
+    assert [name for name, entry in formats.REGISTRY.items() if entry.needs_probs] == ["probs"]
+    assert [name for name, entry in formats.REGISTRY.items() if entry.needs_image] == ["overlay"]
+
+
+def test_a_new_format_is_one_registry_entry(handler, monkeypatch):
+    def counts(job):
+        return ",".join(str(int((job.output == c.id).sum())) for c in job.config.classes).encode()
+
+    entry = formats.Format("counts", "text/csv", ("text/csv",), counts, lambda w, h, k: 4 * k * len(str(w * h)))
+    monkeypatch.setitem(formats.REGISTRY, "counts", entry)
+    image = random_image(40, 30)
+    mask = np.asarray(Image.open(io.BytesIO(ask_handler(handler, {"body": encode_image(image),
+                                                                  "format": b"png"}).body)))
+    for inputs, headers in (({"body": encode_image(image), "format": b"counts"}, {}),
+                            ({"body": encode_image(image)}, {"Accept": "text/csv"})):
+        reply = ask_handler(handler, inputs, headers)
+        assert (reply.status, reply.content_type) == (200, "text/csv")
+        assert reply.body.decode() == ",".join(str(int((mask == c).sum())) for c in range(3))

@@ -1,12 +1,15 @@
 """The CUDA path gives the CPU path's masks. Skipped where there is no GPU (as in CI)."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, encode_image
 from PIL import Image
 
 from segserve.pipeline import Segmenter, pick_device
+from segserve.tools.inprocess import Request, handle, load_handler
 from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.gpu
@@ -49,23 +52,24 @@ def test_cuda_half_precision_masks_agree_with_float32(config):
         assert (a == b).mean() >= 0.995
 
 
+@pytest.fixture(scope="module")
+def gpu_handler():
+    """segmenter_handler.py on model/ as TorchServe starts it on GPU 0."""
+    return load_handler(REPO / "model", gpu_id=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_tiled_masks_and_probs_agree_with_cpu(config):
+def test_cuda_tiled_masks_and_probs_agree_with_cpu(handler, gpu_handler):
     image = Image.fromarray(generate_scene(9, (700, 900))[0])
-    cpu = Segmenter.from_model_dir(REPO / "model", config=config)
-    gpu = Segmenter.from_model_dir(REPO / "model", config=config, device="cuda:0")
-    (a,), (b,) = cpu.predict([image], tile="on"), gpu.predict([image], tile="on")
+    (a,), (b,) = (served.segmenter.predict([image], tile="on") for served in (handler, gpu_handler))
     assert a.shape == b.shape == (700, 900) and (a == b).mean() >= 0.995
-    probs, expected = gpu.tiled_probs(image, (1, 2)), cpu.tiled_probs(image, (1, 2))
+    request = Request({"body": encode_image(image), "format": b"probs", "classes": b"1,2", "tile": b"on"})
+    expected, probs = (np.load(io.BytesIO(handle(served, [request])[0].body)) for served in (handler, gpu_handler))
     assert probs.shape == (2, 700, 900) and np.abs(probs.astype(np.float32) - expected).max() < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nvjpeg_batch_decode_gives_the_cpu_masks(config, monkeypatch):
-    import io
-
-    from segserve.pipeline import Request
-
+def test_nvjpeg_batch_decode_gives_the_cpu_masks(handler, gpu_handler, monkeypatch):
     def jpeg(seed, size, orientation=1):
         buffer, exif = io.BytesIO(), Image.Exif()
         exif[0x0112] = orientation
@@ -74,12 +78,12 @@ def test_nvjpeg_batch_decode_gives_the_cpu_masks(config, monkeypatch):
 
     bodies = [jpeg(1, (384, 512)), jpeg(2, (768, 1024)), jpeg(3, (300, 411), orientation=6)]
     requests = [Request({"body": body}, {"Accept": "image/png"}) for body in bodies]
-    cpu = Segmenter.from_model_dir(REPO / "model", config=config).handle_batch(requests)
-    gpu = Segmenter.from_model_dir(REPO / "model", config=config, device="cuda:0")
-    assert gpu.batch_decode  # decoder: auto on a GPU
-    monkeypatch.setattr("segserve.pipeline.decode.decode_for_model",
+    cpu = handle(handler, requests)
+    assert gpu_handler.segmenter.device == torch.device("cuda:0")
+    assert gpu_handler.segmenter.planner.batch_decode  # decoder: auto on a GPU
+    monkeypatch.setattr("segserve.decode.ImageFile.decode",
                         lambda *a, **k: pytest.fail("nvJPEG batch fell back to Pillow"))
-    for a, b in zip(cpu, gpu.handle_batch(requests), strict=True):
+    for a, b in zip(cpu, handle(gpu_handler, requests), strict=True):
         assert a.status == b.status == 200
         mask_a, mask_b = (np.asarray(Image.open(io.BytesIO(r.body))) for r in (a, b))
         assert mask_a.shape == mask_b.shape and (mask_a == mask_b).mean() >= 0.995

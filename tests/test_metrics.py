@@ -1,5 +1,5 @@
-"""segserve's own metrics: recorded by the pipeline (unit), passed to TorchServe's metrics API (unit, the
-real ts.metrics cache) and served on the metrics port next to TorchServe's own (integration, scraped)."""
+"""segserve's own metrics: recorded by the handler called in-process (unit), passed to TorchServe's metrics API
+(unit, the real ts.metrics cache) and served on the metrics port next to TorchServe's own (integration, scraped)."""
 
 from __future__ import annotations
 
@@ -12,53 +12,51 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import MODEL, encode_image, random_image
-from test_pipeline import ChannelArgmax
+from handlers import stand_in_handler
+from torch import nn
+from ts.metrics.metric_type_enum import MetricTypes
 
 from segserve.metrics import ERRORS, IMAGES, PIXELS, STAGE_SECONDS, Metrics, torchserve_sink
-from segserve.pipeline import Request, Segmenter
+from segserve.tools.inprocess import RecordedMetrics, Request, handle
 
 
-class Recorded(list):
-    def sink(self, name, value, kind, labels, index):
-        self.append((name, value, kind, dict(labels), index))
-
-    def count(self, name, **labels):
-        return sum(1 for n, _, _, lab, _ in self if n == name and all(lab.get(k) == v for k, v in labels.items()))
-
-    def total(self, name, **labels):
-        return sum(v for n, v, _, lab, _ in self if n == name and all(lab.get(k) == v for k, v in labels.items()))
-
-
-def test_pipeline_records_stages_images_pixels_and_errors(config):
-    recorded = Recorded()
-    segmenter = Segmenter(config, ChannelArgmax().eval(), metrics=Metrics(recorded.sink))
+def test_pipeline_records_stages_images_pixels_and_errors(tmp_path):
+    served = stand_in_handler(tmp_path)
+    metrics = served.context.metrics
     batch = [Request({"body": encode_image(random_image(40, 30))}),
              Request({"body": b"not an image"}, {"body": {"content-type": "application/octet-stream"}}),
              Request({"body": encode_image(random_image(7, 5))}),
              Request({"body": encode_image(random_image(9, 9)), "format": "gif"})]
-    responses = segmenter.handle_batch(batch)
-    assert [r.status for r in responses] == [200, 400, 200, 400]
+    replies = handle(served, batch)
+    assert [r.status for r in replies] == [200, 400, 200, 400]
 
-    assert recorded.count(STAGE_SECONDS, stage="decode") == 4  # also timed when decoding fails
-    assert recorded.count(STAGE_SECONDS, stage="preprocess") == 2
-    assert recorded.count(STAGE_SECONDS, stage="forward") == 1  # one pass for the batch
-    assert recorded.count(STAGE_SECONDS, stage="encode") == 2
-    assert all(v >= 0 and kind == "histogram" for n, v, kind, _, _ in recorded if n == STAGE_SECONDS)
-    assert recorded.total(IMAGES) == 2 and recorded.total(PIXELS) == 40 * 30 + 7 * 5
-    assert recorded.total(ERRORS, type="invalid_image", status="400") == 1
-    assert recorded.total(ERRORS, type="invalid_option", status="400") == 1
+    def count(name, **labels):
+        return len(metrics.named(name, **labels))
+
+    def total(name, **labels):
+        return sum(m.value for m in metrics.named(name, **labels))
+
+    assert count(STAGE_SECONDS, stage="decode") == 4  # also timed when decoding fails
+    assert count(STAGE_SECONDS, stage="preprocess") == 2
+    assert count(STAGE_SECONDS, stage="forward") == 1  # one pass for the batch
+    assert count(STAGE_SECONDS, stage="encode") == 2
+    assert all(m.value >= 0 and m.metric_type == MetricTypes.HISTOGRAM for m in metrics.named(STAGE_SECONDS))
+    assert total(IMAGES) == 2 and total(PIXELS) == 40 * 30 + 7 * 5
+    assert total(ERRORS, type="invalid_image", status="400") == 1
+    assert total(ERRORS, type="invalid_option", status="400") == 1
     # Per-request series carry the request's slot in the batch (TorchServe maps it to the request id).
-    assert {index for n, _, _, _, index in recorded if n == ERRORS} == {1, 3}
+    assert {m.index for m in metrics.named(ERRORS)} == {1, 3}
 
 
-def test_a_broken_sink_never_fails_a_request(config, caplog):
-    def broken(*args):
-        raise RuntimeError("metrics backend down")
+def test_a_broken_sink_never_fails_a_request(tmp_path, caplog):
+    class Broken(RecordedMetrics):
+        def add_metric(self, *args, **kwargs):
+            raise RuntimeError("metrics backend down")
 
-    segmenter = Segmenter(config, ChannelArgmax().eval(), metrics=Metrics(broken))
+    served = stand_in_handler(tmp_path, metrics=Broken())
     with caplog.at_level(logging.ERROR):
-        responses = segmenter.handle_batch([Request({"body": encode_image(random_image(8, 8))})] * 2)
-    assert [r.status for r in responses] == [200, 200]
+        replies = handle(served, [Request({"body": encode_image(random_image(8, 8))})] * 2)
+    assert [r.status for r in replies] == [200, 200]
     assert sum("recording" in r.getMessage() for r in caplog.records) == 1  # said once, not per call
 
 
@@ -146,14 +144,22 @@ def test_metrics_port_serves_our_series_with_the_counts_sent(server):
     assert d("segserve_stage_seconds_bucket", stage="decode", le="+Inf") == sent
 
 
-def test_a_failing_forward_pass_is_counted_for_each_request_of_the_batch(config):
-    class Broken(ChannelArgmax):
-        def forward(self, x):
-            raise RuntimeError("out of memory")
+class FailsOnImages(nn.Module):
+    """Runs the warm-up's zeros; any real image fails the forward pass (as out of memory would)."""
 
-    recorded = Recorded()
-    segmenter = Segmenter(config, Broken().eval(), metrics=Metrics(recorded.sink))
-    with pytest.raises(RuntimeError):  # TorchServe answers the batch 503
-        segmenter.handle_batch([Request({"body": encode_image(random_image(8, 8))})] * 3)
-    assert recorded.total(ERRORS, type="prediction_failed", status="503") == 3
-    assert recorded.count(STAGE_SECONDS, stage="forward") == 1
+    def forward(self, x):
+        if bool((x != 0).any()):
+            raise RuntimeError("out of memory")
+        return x.clone()
+
+
+def test_a_failing_forward_pass_is_counted_for_each_request_of_the_batch(tmp_path, caplog):
+    served = stand_in_handler(tmp_path, FailsOnImages())
+    metrics = served.context.metrics
+    ids = ["req-a", "req-b", "req-c"]
+    with caplog.at_level(logging.ERROR), pytest.raises(Exception, match="out of memory"):
+        handle(served, [Request({"body": encode_image(random_image(8, 8))}, id=i) for i in ids])  # TorchServe: 503
+    assert sum(m.value for m in metrics.named(ERRORS, type="prediction_failed", status="503")) == 3
+    assert {m.index for m in metrics.named(ERRORS)} == {0, 1, 2}
+    assert len(metrics.named(STAGE_SECONDS, stage="forward")) == 1
+    assert any("forward pass failed for requests req-a, req-b, req-c" in r.getMessage() for r in caplog.records)

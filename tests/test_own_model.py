@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import textwrap
 import zipfile
 
@@ -15,6 +16,8 @@ from conftest import MODEL_CONFIG, REPO, encode_image, random_image
 from PIL import Image
 from safetensors.torch import save_file
 
+from segserve import families
+from segserve.config import ServingConfig
 from segserve.families import TORCHVISION_ARCHS, build_model
 from segserve.tools.build import BuildError, build, main, read_state_dict
 from segserve.tools.server import TorchServe, free_ports
@@ -132,15 +135,103 @@ def test_torchvision_archs_default_to_photo_settings_and_whole_image_inference(t
 
 
 def test_classes_from_files(tmp_path):
-    from segserve.tools.build import parse_classes
+    from segserve.tools.build import read_class_list
 
     (tmp_path / "c.txt").write_text("background\nroad\n\ncar\n")
     (tmp_path / "c.json").write_text('[{"name": "background", "color": [0, 0, 0]}, "road"]')
-    assert parse_classes(str(tmp_path / "c.txt")) == CLASSES
-    assert parse_classes(str(tmp_path / "c.json"))[1] == "road"
-    assert parse_classes("a, b") == ["a", "b"]
+    assert read_class_list(str(tmp_path / "c.txt")) == CLASSES
+    assert read_class_list(str(tmp_path / "c.json"))[1] == "road"
+    assert read_class_list("a, b") == ["a", "b"]
     with pytest.raises(BuildError, match="not found"):
-        parse_classes(str(tmp_path / "missing.json"))
+        read_class_list(str(tmp_path / "missing.json"))
+
+
+# -- the family registry ------------------------------------------------------------------------------------
+def test_every_architecture_belongs_to_exactly_one_family():
+    claimed = [arch for family in families.FAMILIES for arch in family.archs]
+    assert len(claimed) == len(set(claimed)) and sorted(claimed) == families.architectures()
+    assert {family.name for family in families.FAMILIES} >= {"unet", "torchvision", "custom", "torchscript"}
+    assert families.family_of("fcn_resnet50").name == "torchvision"
+    with pytest.raises(ValueError, match="unknown architecture 'resnet9000'; choose one of: custom, "):
+        families.family_of("resnet9000")
+
+
+def archive_config(arch, num_classes, weights, **params):
+    return ServingConfig.from_dict({"model": {"name": "m", "arch": arch, "weights": weights, "arch_params": params},
+                                    "classes": [f"c{i}" for i in range(num_classes)], "input": {"size": 32}})
+
+
+def test_load_model_returns_a_module_whose_output_is_always_logits(tmp_path):
+    """torchvision's {"out", "aux"} dict, a custom model's {"out"} dict and a scripted dict model all
+    come out of load_model as the (N, C, H, W) logits tensor; the unet is not wrapped."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    fcn = build_model("fcn_resnet50", 3, aux_loss=True).eval()
+    save_file(fcn.state_dict(), str(tmp_path / "fcn.safetensors"))
+    loaded = families.load_model(archive_config("fcn_resnet50", 3, "x", aux_loss=True), tmp_path / "fcn.safetensors")
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), fcn(x)["out"])
+
+    (tmp_path / "dict_model.py").write_text(textwrap.dedent('''
+        import torch.nn as nn
+
+        class DictOut(nn.Module):
+            def __init__(self, num_classes=2):
+                super().__init__()
+                self.conv = nn.Conv2d(3, num_classes, 1)
+
+            def forward(self, x):
+                return {"out": self.conv(x)}
+    '''))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        custom = build_model("custom", 2, module="dict_model", **{"class": "DictOut"}).eval()
+        torch.save(custom.state_dict(), tmp_path / "custom.pt")
+        config = archive_config("custom", 2, "x", module="dict_model", **{"class": "DictOut"})
+        loaded = families.load_model(config, tmp_path / "custom.pt")
+        scripted_path = tmp_path / "scripted.pt"
+        torch.jit.script(custom).save(str(scripted_path))
+        scripted = families.load_model(archive_config("torchscript", 2, "x"), scripted_path)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("dict_model", None)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), custom(x)["out"]) and torch.equal(scripted(x), custom(x)["out"])
+
+    unet = build_model("unet", 3, base_channels=4, depth=2)
+    save_file(unet.state_dict(), str(tmp_path / "unet.safetensors"))
+    config = archive_config("unet", 3, "x", base_channels=4, depth=2)
+    loaded = families.load_model(config, tmp_path / "unet.safetensors")
+    assert type(loaded) is type(unet) and not loaded.training
+
+
+def test_describe_names_the_family_and_its_details(config):
+    assert families.describe(config) == {"family": "unet", "arch": "unet", "arch_params": dict(config.arch_params)}
+    custom = archive_config("custom", 2, "weights.safetensors", module="toy_model", kwargs={"width": 8},
+                            **{"class": "Toy"})
+    assert families.describe(custom) == {"family": "custom", "arch": "custom", "module": "toy_model",
+                                         "class": "Toy", "kwargs": {"width": 8}}
+    assert families.describe(archive_config("torchscript", 2, "model.torchscript.pt")) == {
+        "family": "torchscript", "arch": "torchscript", "file": "model.torchscript.pt"}
+
+
+def test_a_dict_output_without_out_fails_the_build_plainly(tmp_path, capsys):
+    model_file = tmp_path / "odd_model.py"
+    model_file.write_text(TOY.replace("ToySegmenter", "Odd").replace(
+        "return self.conv2(self.conv1(x).relu())", "return {'logits': self.conv2(self.conv1(x).relu())}"))
+    exec(model_file.read_text(), namespace := {})
+    torch.save(namespace["Odd"]().state_dict(), tmp_path / "odd.pt")
+    code = main(["--model-file", str(model_file), "--model-class", "Odd", "--weights", str(tmp_path / "odd.pt"),
+                 "--classes", "a,b", "--export-path", str(tmp_path / "store")])
+    assert code == 2
+    assert "forward pass failed" in (err := capsys.readouterr().err) and "without an 'out' entry (keys: logits)" in err
+
+
+def test_a_custom_arch_without_its_module_says_how_to_give_it(tmp_path, capsys):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
+    code = main(["--arch", "custom", "--weights", str(tmp_path / "w.pt"), "--classes", "a,b",
+                 "--export-path", str(tmp_path / "store")])
+    assert code == 2 and "--model-file FILE.py --model-class NAME" in capsys.readouterr().err
 
 
 # -- served side by side ---------------------------------------------------------------------------

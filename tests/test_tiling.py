@@ -9,16 +9,15 @@ import torch
 from conftest import encode_image, miou
 from PIL import Image
 
-from segserve.pipeline import Request
 from segserve.tiling import (
     blended_bands,
     gaussian_importance_map,
     should_tile,
     sliding_window_mask,
     sliding_window_probs,
-    window_grid,
     window_starts,
 )
+from segserve.tools.inprocess import Request, handle
 from segserve.tools.synthetic import generate_scene
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -37,6 +36,12 @@ def test_window_starts_cover_the_line_and_end_flush(length, window, overlap):
     stride = max(1, int(window * (1 - overlap)))
     assert all(b - a == stride for a, b in zip(starts[:-1], starts[1:-1], strict=False))
     assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:], strict=False))
+
+
+def window_grid(height, width, tile, overlap):
+    """(top, left) of every window blended_bands runs, row by row."""
+    return [(top, left) for top in window_starts(height, tile[0], overlap)
+            for left in window_starts(width, tile[1], overlap)]
 
 
 def test_window_grid_covers_every_pixel_with_the_configured_overlap():
@@ -92,16 +97,15 @@ def test_tiling_policy(config):
 
 
 @pytest.mark.parametrize("size", [(256, 256), (200, 120), (1, 1)])
-def test_an_image_that_fits_one_window_is_answered_exactly_as_untiled(reference, size):
+def test_an_image_that_fits_one_window_is_answered_exactly_as_untiled(reference, handler, size):
     image, _ = generate_scene(5, size)
     image = Image.fromarray(image)
     assert np.array_equal(reference.predict([image], tile="on")[0], reference.predict([image], tile="off")[0])
     data = {"data": encode_image(image)}
     for fmt in ("png", "probs"):
-        answers = [reference.handle_batch([Request(inputs={**data, "format": fmt.encode(), "tile": mode})])[0]
+        answers = [handle(handler, [Request({**data, "format": fmt.encode(), "tile": mode})])[0]
                    for mode in (b"on", b"off")]
         assert answers[0].status == 200 and answers[0].body == answers[1].body
-
 
 
 def test_tiled_beats_downscaling_on_a_large_scene_at_native_scale(reference):
@@ -113,15 +117,24 @@ def test_tiled_beats_downscaling_on_a_large_scene_at_native_scale(reference):
     assert miou(tiled, truth) > 0.85
 
 
-def test_tiled_requests_in_a_batch_with_resized_ones(reference):
+def test_tiled_requests_in_a_batch_with_resized_ones(reference, handler):
     large, _ = generate_scene(4, (300, 520))
     small, _ = generate_scene(6, (128, 128))
-    requests = [Request(inputs={"data": encode_image(Image.fromarray(large)), "format": b"png", "tile": b"on"}),
-                Request(inputs={"data": encode_image(Image.fromarray(small)), "format": b"png"}),
-                Request(inputs={"data": encode_image(Image.fromarray(large)), "format": b"probs", "tile": b"on"})]
-    png, small_png, probs = reference.handle_batch(requests)
+    requests = [Request({"data": encode_image(Image.fromarray(large)), "format": b"png", "tile": b"on"}),
+                Request({"data": encode_image(Image.fromarray(small)), "format": b"png"}),
+                Request({"data": encode_image(Image.fromarray(large)), "format": b"probs", "tile": b"on"})]
+    png, small_png, probs = handle(handler, requests)
     assert (png.status, small_png.status, probs.status) == (200, 200, 200)
     (expected,) = reference.predict([Image.fromarray(large)], tile="on")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.body))), expected)
     probs = np.load(io.BytesIO(probs.body))
     assert probs.shape == (3, 300, 520) and (probs.argmax(0) == expected).mean() > 0.999
+
+
+def test_a_tiled_overlay_is_drawn_on_the_full_image_with_the_tiled_mask(reference, handler, config):
+    from segserve.encoders import overlay_jpeg
+
+    image = Image.fromarray(generate_scene(8, (300, 520))[0])
+    (reply,) = handle(handler, [Request({"data": encode_image(image), "format": b"overlay", "tile": b"on"})])
+    (mask,) = reference.predict([image], tile="on")
+    assert reply.status == 200 and reply.body == overlay_jpeg(image, mask, config)

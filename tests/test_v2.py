@@ -1,4 +1,5 @@
-"""Open Inference Protocol v2 in-process: bodies built by tritonclient, answers decoded by it, errors per request."""
+"""Open Inference Protocol v2 through the handler as TorchServe calls it: bodies built by tritonclient, answers
+decoded by it, errors per request."""
 
 import base64
 import io
@@ -7,29 +8,31 @@ import json
 import numpy as np
 import pytest
 from conftest import encode_image, random_image
+from handlers import stand_in_handler
 from PIL import Image
-from test_pipeline import ChannelArgmax, dominant_channel_image
+from test_pipeline import dominant_channel_image
 from v2_client import HEADER_LENGTH, image_input, mask_output, parse, request_body
 
-from segserve import v2 as oip
+from segserve import v2
 from segserve.errors import BadRequest
-from segserve.pipeline import Request, Segmenter
+from segserve.tools.inprocess import Request, handle
 
 
-@pytest.fixture()
-def segmenter(config):
-    return Segmenter(config, ChannelArgmax().eval())
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """The handler on the ChannelArgmax stand-in (test_pipeline.py)."""
+    return stand_in_handler(tmp_path_factory.mktemp("argmax"))
 
 
 def as_torchserve_request(body: bytes, headers: dict[str, str]) -> Request:
     """What TorchServe hands the handler: a JSON body already parsed, anything else as bytes."""
     content_type = headers.get("Content-Type", "")
     value = json.loads(body) if content_type == "application/json" else body
-    return Request(inputs={"body": value}, headers={**headers, "body": {"content-type": content_type}})
+    return Request({"body": value}, {**headers, "body": {"content-type": content_type}})
 
 
 def answer(segmenter, body, headers):
-    (response,) = segmenter.handle_batch([as_torchserve_request(body, headers)])
+    (response,) = handle(segmenter, [as_torchserve_request(body, headers)])
     return response
 
 
@@ -162,8 +165,8 @@ def test_v2_and_plain_requests_in_one_batch_each_get_their_own_answer(segmenter)
     image, labels = known_image()
     good = as_torchserve_request(*request_body(image_input(encode_image(image), True), [mask_output(False)]))
     bad = as_torchserve_request(*request_body(image_input(b"junk", True), request_id="bad"))
-    plain = Request(inputs={"body": encode_image(image)})
-    responses = segmenter.handle_batch([good, bad, plain, good])
+    plain = Request({"body": encode_image(image)})
+    responses = handle(segmenter, [good, bad, plain, good])
     assert [r.status for r in responses] == [200, 400, 200, 200]
     assert np.array_equal(parse(responses[0].body, {}).as_numpy("mask"), labels)
     assert responses[3].body == responses[0].body
@@ -172,16 +175,16 @@ def test_v2_and_plain_requests_in_one_batch_each_get_their_own_answer(segmenter)
 
 
 def test_plain_bodies_are_not_v2():
-    assert not oip.is_v2({"body": {"image": "abc"}}, {})
-    assert not oip.is_v2({"body": b"\x89PNG..."}, {})
-    assert not oip.is_v2({"body": b"{not json"}, {})
-    assert oip.is_v2({"body": {"inputs": []}}, {})
-    assert oip.is_v2({"body": b"xx"}, {HEADER_LENGTH.lower(): "2"})
+    assert not v2.is_v2({"body": {"image": "abc"}}, {})
+    assert not v2.is_v2({"body": b"\x89PNG..."}, {})
+    assert not v2.is_v2({"body": b"{not json"}, {})
+    assert v2.is_v2({"body": {"inputs": []}}, {})
+    assert v2.is_v2({"body": b"xx"}, {HEADER_LENGTH.lower(): "2"})
 
 
 def test_json_nested_too_deep_for_the_parser_is_a_400_not_a_crash():
     # Found by tests/test_fuzz.py: json.loads raises RecursionError (not ValueError) here.
     deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    assert not oip.is_v2({"body": deep}, {})
+    assert not v2.is_v2({"body": deep}, {})
     with pytest.raises(BadRequest, match="not valid JSON"):
-        oip.split_body({"body": deep}, {HEADER_LENGTH.lower(): str(len(deep))})
+        v2.split_body({"body": deep}, {HEADER_LENGTH.lower(): str(len(deep))})

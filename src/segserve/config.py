@@ -3,11 +3,17 @@
 One object carries the architecture, weights file, class names and palette,
 input transform and request limits, so the handler, the trainer, the model card
 and the tests never disagree.
+
+The loader is strict: a key that is not a setting (a typo such as `max_pixel`)
+or a value of the wrong type is refused with its full dotted path, the closest
+valid key and the expected type, never silently ignored or half-converted.
+Only `handler.model.arch_params` is free-form: it is the architecture's kwargs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,19 @@ class Tiling:
     overlap: float = 0.25
     # Windows per forward pass.
     batch: int = 4
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DECODERS = ("auto", "pillow", "torchvision")
+
+# The keys each part of the `handler:` section may hold (arch_params is free-form: the architecture's kwargs).
+HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "runtime")
+MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights")
+CLASS_KEYS = ("name", "color")
+INPUT_KEYS = ("size", "mean", "std")
+LIMITS_KEYS = tuple(f.name for f in fields(Limits))
+TILING_KEYS = tuple(f.name for f in fields(Tiling))
+RUNTIME_KEYS = ("threads", "channels_last", "precision", "decoder", "compile")
 
 
 @dataclass(frozen=True)
@@ -93,11 +112,18 @@ class ServingConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServingConfig:
+        """Read the `handler:` section of a model-config.yaml (or a file holding only that section)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"model config not found: {path}")
-        with path.open() as f:
-            doc = yaml.safe_load(f) or {}
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path} must be a mapping of settings, got {type(doc).__name__}")
+        if "handler" not in doc and "model" not in doc:
+            raise ConfigError(f"{path} has no `handler:` section (segserve reads its settings from there)")
         return cls.from_dict(doc.get("handler", doc))
 
     @classmethod
@@ -105,13 +131,12 @@ class ServingConfig:
         """Build from the `handler:` section of model-config.yaml."""
         if not isinstance(section, dict):
             raise ConfigError("the `handler:` section of model-config.yaml must be a mapping")
-        model = _section(section, "model")
-        inp = _section(section, "input")
-        limits = section.get("limits") or {}
-        runtime = section.get("runtime") or {}
-        tiling = section.get("tiling") or {}
-        if not isinstance(tiling, dict):
-            raise ConfigError("handler.tiling must be a mapping, e.g. {auto_above_pixels: 1048576, overlap: 0.25}")
+        check_keys(section, HANDLER_KEYS, "handler")
+        model = _section(section, "model", MODEL_KEYS, required=True)
+        inp = _section(section, "input", INPUT_KEYS, required=True)
+        limits = _section(section, "limits", LIMITS_KEYS)
+        runtime = _section(section, "runtime", RUNTIME_KEYS)
+        tiling = _section(section, "tiling", TILING_KEYS)
 
         raw_classes = section.get("classes")
         if not isinstance(raw_classes, list) or len(raw_classes) < 2:
@@ -120,81 +145,88 @@ class ServingConfig:
         if len(raw_classes) > 256:
             raise ConfigError("handler.classes: at most 256 classes fit in an indexed PNG mask")
         classes = tuple(_class_info(i, c) for i, c in enumerate(raw_classes))
-
-        size = inp.get("size")
-        if isinstance(size, int):
-            size = [size, size]
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-            raise ConfigError(f"handler.input.size must be [height, width] in pixels, got {size!r}")
+        input_size = _size(inp.get("size"), "handler.input.size")
+        arch_params = model.get("arch_params")
+        if arch_params is not None and not isinstance(arch_params, dict):
+            raise ConfigError(f"handler.model.arch_params must be a mapping of the architecture's keyword "
+                              f"arguments, got {arch_params!r}")
 
         return cls(
-            name=str(_required(model, "name", "handler.model")),
-            version=str(model.get("version", "1.0")),
-            arch=str(_required(model, "arch", "handler.model")),
-            weights=str(_required(model, "weights", "handler.model")),
-            arch_params=dict(model.get("arch_params") or {}),
+            name=_text(_required(model, "name", "handler.model"), "handler.model.name"),
+            version=_text(model.get("version", "1.0"), "handler.model.version"),
+            arch=_text(_required(model, "arch", "handler.model"), "handler.model.arch"),
+            weights=_text(_required(model, "weights", "handler.model"), "handler.model.weights"),
+            arch_params=dict(arch_params or {}),
             classes=classes,
-            input_size=(size[0], size[1]),
+            input_size=input_size,
             mean=_triple(inp.get("mean", [0.485, 0.456, 0.406]), "handler.input.mean"),
             std=_triple(inp.get("std", [0.229, 0.224, 0.225]), "handler.input.std", positive=True),
-            limits=Limits(
-                max_bytes=_positive_int(limits.get("max_bytes", Limits.max_bytes), "handler.limits.max_bytes"),
-                max_pixels=_positive_int(limits.get("max_pixels", Limits.max_pixels), "handler.limits.max_pixels"),
-                max_response_bytes=_positive_int(limits.get("max_response_bytes", Limits.max_response_bytes),
-                                                 "handler.limits.max_response_bytes"),
-            ),
-            tiling=_tiling(tiling, (size[0], size[1])),
-            threads=int(runtime.get("threads", 0) or 0),
-            channels_last=_bool(runtime.get("channels_last", True), "handler.runtime.channels_last"),
-            precision=_choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
-            decoder=_choice(runtime.get("decoder", "auto"), DECODERS, "handler.runtime.decoder"),
-            compile=_bool(runtime.get("compile", False), "handler.runtime.compile"),
+            limits=Limits(**{key: whole_number(limits.get(key, getattr(Limits, key)), f"handler.limits.{key}", 1)
+                             for key in LIMITS_KEYS}),
+            tiling=_tiling(tiling, input_size),
+            threads=whole_number(runtime.get("threads", 0), "handler.runtime.threads", 0),
+            channels_last=boolean(runtime.get("channels_last", True), "handler.runtime.channels_last"),
+            precision=choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
+            decoder=choice(runtime.get("decoder", "auto"), DECODERS, "handler.runtime.decoder"),
+            compile=boolean(runtime.get("compile", False), "handler.runtime.compile"),
         )
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-DECODERS = ("auto", "pillow", "torchvision")
+# -- strict checks, shared with the build's check of TorchServe's own keys ----------------------------------
+def unknown_key(key: Any, allowed: Iterable[str], where: str = "", what: str = "a setting") -> str:
+    """The message for a key that is not allowed: its dotted path, the closest valid key, the valid keys."""
+    import difflib  # only on the error path: keeps it out of every worker's start
+
+    allowed = list(allowed)
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"; did you mean {_join(where, close[0])}?" if close else ""
+    return f"{_join(where, key)} is not {what}{hint} (valid keys: {', '.join(allowed)})"
 
 
-def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
+def check_keys(section: dict, allowed: Iterable[str], where: str = "", what: str = "a setting") -> None:
+    """Refuse the first key of `section` that is not in `allowed`."""
+    allowed = tuple(allowed)
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(unknown_key(key, allowed, where, what))
+
+
+def whole_number(value: Any, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} must be a whole number >= {minimum}, got {value!r}")
     return value
 
 
-def _bool(value: Any, where: str) -> bool:
+def boolean(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     return value
 
 
-def _tiling(section: dict, input_size: tuple[int, int]) -> Tiling:
-    unknown = sorted(set(section) - {"auto_above_pixels", "tile_size", "overlap", "batch"})
-    if unknown:
-        raise ConfigError(f"handler.tiling.{unknown[0]} is not a setting; the settings are: "
-                          "auto_above_pixels, tile_size, overlap, batch")
-    size = section.get("tile_size") or list(input_size)
-    if isinstance(size, int):
-        size = [size, size]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ConfigError(f"handler.tiling.tile_size must be [height, width] in pixels, got {size!r}")
-    overlap = section.get("overlap", Tiling.overlap)
-    if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
-        raise ConfigError(f"handler.tiling.overlap must be a fraction of the tile in [0, 1), e.g. 0.25, "
-                          f"got {overlap!r}")
-    return Tiling(
-        auto_above_pixels=_positive_int(section.get("auto_above_pixels", Tiling.auto_above_pixels),
-                                        "handler.tiling.auto_above_pixels"),
-        tile_size=(size[0], size[1]),
-        overlap=float(overlap),
-        batch=_positive_int(section.get("batch", Tiling.batch), "handler.tiling.batch"),
-    )
+def choice(value: Any, allowed: Iterable[str], where: str) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
-def _section(doc: dict, key: str) -> dict:
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _section(doc: dict, key: str, allowed: tuple[str, ...], required: bool = False) -> dict:
     value = doc.get(key)
+    if value is None and not required:
+        return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"model-config.yaml needs a `handler.{key}:` mapping")
+        if value is None:
+            raise ConfigError(f"model-config.yaml needs a `handler.{key}:` mapping")
+        raise ConfigError(f"handler.{key} must be a mapping of settings ({', '.join(allowed)}), got {value!r}")
+    check_keys(value, allowed, f"handler.{key}")
     return value
 
 
@@ -204,15 +236,50 @@ def _required(doc: dict, key: str, where: str) -> Any:
     return doc[key]
 
 
+def _text(value: Any, where: str) -> str:
+    """A name: text (a bare number such as `version: 2` is read as its text)."""
+    if isinstance(value, str) or _is_number(value):
+        return str(value)
+    raise ConfigError(f"{where} must be text, got {value!r}")
+
+
+def _size(value: Any, where: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)):
+        raise ConfigError(f"{where} must be [height, width] in pixels (or one number for a square), got {value!r}")
+    return value[0], value[1]
+
+
+def _tiling(section: dict, input_size: tuple[int, int]) -> Tiling:
+    size = section.get("tile_size")
+    overlap = section.get("overlap", Tiling.overlap)
+    if not (_is_number(overlap) and 0 <= overlap < 1):
+        raise ConfigError(f"handler.tiling.overlap must be a fraction of the tile in [0, 1), e.g. 0.25, "
+                          f"got {overlap!r}")
+    return Tiling(
+        auto_above_pixels=whole_number(section.get("auto_above_pixels", Tiling.auto_above_pixels),
+                                       "handler.tiling.auto_above_pixels", 1),
+        tile_size=input_size if size is None else _size(size, "handler.tiling.tile_size"),
+        overlap=float(overlap),
+        batch=whole_number(section.get("batch", Tiling.batch), "handler.tiling.batch", 1),
+    )
+
+
 def _class_info(index: int, raw: Any) -> ClassInfo:
+    where = f"handler.classes[{index}]"
     if isinstance(raw, str):
         raw = {"name": raw}
+    if isinstance(raw, dict):
+        check_keys(raw, CLASS_KEYS, where)
     if not isinstance(raw, dict) or not raw.get("name"):
-        raise ConfigError(f"handler.classes[{index}] needs a name, e.g. {{name: cell, color: [0, 200, 0]}}")
+        raise ConfigError(f"{where} needs a name, e.g. {{name: cell, color: [0, 200, 0]}}")
     color = raw.get("color", _default_color(index))
-    if not (isinstance(color, (list, tuple)) and len(color) == 3 and all(0 <= int(v) <= 255 for v in color)):
-        raise ConfigError(f"handler.classes[{index}].color must be [r, g, b] with values 0..255, got {color!r}")
-    return ClassInfo(id=index, name=str(raw["name"]), color=(int(color[0]), int(color[1]), int(color[2])))
+    if not (isinstance(color, (list, tuple)) and len(color) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in color)):
+        raise ConfigError(f"{where}.color must be [r, g, b], whole numbers 0..255, got {color!r}")
+    return ClassInfo(id=index, name=_text(raw["name"], f"{where}.name"), color=(color[0], color[1], color[2]))
 
 
 def _default_color(index: int) -> list[int]:
@@ -228,19 +295,8 @@ def _default_color(index: int) -> list[int]:
 
 
 def _triple(value: Any, where: str, positive: bool = False) -> tuple[float, float, float]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 3):
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)):
         raise ConfigError(f"{where} must be three numbers (R, G, B), got {value!r}")
-    out = tuple(float(v) for v in value)
-    if positive and any(v <= 0 for v in out):
+    if positive and any(v <= 0 for v in value):
         raise ConfigError(f"{where} values must be > 0, got {value!r}")
-    return out  # type: ignore[return-value]
-
-
-def _positive_int(value: Any, where: str) -> int:
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a positive integer, got {value!r}") from None
-    if out <= 0:
-        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
-    return out
+    return float(value[0]), float(value[1]), float(value[2])

@@ -12,7 +12,7 @@ import binascii
 import contextlib
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,38 +82,57 @@ def _bytes_from_json(doc: dict[str, Any]) -> bytes:
         raise InvalidImage('"image" is not valid base64') from None
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What Pillow reads from an image's header: enough to plan a request before any pixel is decoded."""
+
+    format: str | None
+    mode: str
+    width: int  # upright, after the EXIF orientation
+    height: int
+    orientation: int  # EXIF orientation, 1 = as stored
+
+
+class ImageFile:
+    """An encoded image opened by Pillow lazily: its header read and the limits checked, then decoded once.
+
+    Opening refuses what a full decode would (empty, oversize, unreadable). A JPEG's EXIF comes
+    before its pixels, so its upright size is known before decoding; a PNG's eXIf may follow its
+    pixels, and Pillow decodes a PNG to read it.
+    """
+
+    def __init__(self, data: bytes, limits: Limits):
+        self.data = data
+        self._limits = limits
+        with _pillow_errors(limits):
+            self._image = _open(data, limits)
+            orientation = _orientation(self._image)
+        # Pillow turns a TIFF upright itself as it loads it, and gives its size upright already.
+        size = self._image.size if self._image.format == "TIFF" else _upright_size(self._image.size, orientation)
+        self.header = ImageHeader(self._image.format, self._image.mode, *size, orientation)
+
+    def decode(self, reduce_to: tuple[int, int] | None = None) -> Image.Image:
+        """The upright RGB image, at its full size (the header's); with `reduce_to` (height, width), a JPEG much
+        larger is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (Pillow's draft mode), never below it."""
+        image = self._image
+        stored = image.size
+        with _pillow_errors(self._limits):
+            if reduce_to and image.format == "JPEG":
+                side = max(reduce_to)
+                image.draft("RGB", (side, side))
+            image.load()
+        reduced = image.size != stored
+        upright = to_rgb(ImageOps.exif_transpose(image))
+        if not reduced and upright.size != (self.header.width, self.header.height):
+            # The request was planned on the header's size: a mask of another size would be wrong.
+            raise InvalidImage(f"the image's pixels ({upright.width}x{upright.height}) do not match the size its "
+                               f"header gives ({self.header.width}x{self.header.height})")
+        return upright
+
+
 def decode_image(data: bytes, limits: Limits) -> Image.Image:
     """Decode image bytes into an upright RGB image, refusing oversize input before the full decode."""
-    image, _, _ = _decode(data, limits, None)
-    return image
-
-
-def decode_for_model(data: bytes, limits: Limits, model_size: tuple[int, int],
-                     full_if: Callable[[int, int], bool] | None = None) -> tuple[Image.Image, int, int]:
-    """Like `decode_image`, for images that only go to the model: (image, full width, full height).
-
-    A JPEG much larger than the model input is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
-    (Pillow's draft mode), never below the model's input size: the model sees nearly the same pixels
-    at a fraction of the decode cost. The full size is returned for the mask. `full_if(width, height)`
-    true (e.g. the image is to be tiled at its own scale) keeps the full resolution.
-    """
-    side = max(model_size)
-    return _decode(data, limits, (side, side), full_if)
-
-
-def _decode(data: bytes, limits: Limits, draft: tuple[int, int] | None,
-            full_if: Callable[[int, int], bool] | None = None) -> tuple[Image.Image, int, int]:
-    with _pillow_errors(limits):
-        image = _open(data, limits)
-        stored = image.size  # before `draft` shrinks it
-        if draft and image.format == "JPEG":
-            # A JPEG's EXIF comes before its pixels: the upright size is known before decoding.
-            if not (full_if and full_if(*_upright_size(stored, _orientation(image)))):
-                image.draft("RGB", draft)
-        image.load()
-        width, height = _upright_size(stored, _orientation(image))  # after load: a PNG's eXIf may follow its pixels
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image), width, height
+    return ImageFile(data, limits).decode()
 
 
 def _orientation(image: Image.Image) -> int:
@@ -125,25 +144,6 @@ def _upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     """(width, height) as stored -> as shown: swapped by the orientations that turn the image a quarter."""
     width, height = size
     return (height, width) if orientation in ROTATED else (width, height)
-
-
-@dataclass(frozen=True)
-class Header:
-    """What Pillow reads from an image's header: enough to choose a decoder before any pixel is decoded."""
-
-    format: str | None
-    mode: str
-    width: int  # upright, after the EXIF orientation
-    height: int
-    orientation: int  # EXIF orientation, 1 = as stored
-
-
-def probe(data: bytes, limits: Limits) -> Header:
-    """The image's header, with the limits checked (the same refusals as a full decode)."""
-    with _pillow_errors(limits):
-        image = _open(data, limits)
-        orientation = _orientation(image)
-        return Header(image.format, image.mode, *_upright_size(image.size, orientation), orientation)
 
 
 def decode_jpegs(data: list[bytes], orientations: list[int], device: torch.device) -> list[torch.Tensor]:

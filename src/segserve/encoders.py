@@ -72,7 +72,8 @@ def class_summary(mask: np.ndarray, config: ServingConfig, classes: tuple[int, .
     return [class_entry(c, mask == c.id) for c in selected(config, classes)]
 
 
-def _header(mask: np.ndarray, config: ServingConfig) -> dict:
+def _answer_head(mask: np.ndarray, config: ServingConfig) -> dict:
+    """What every JSON answer starts with: the model and the mask's size."""
     height, width = mask.shape
     return {"model": config.name, "version": config.version, "width": int(width), "height": int(height)}
 
@@ -84,7 +85,7 @@ def _dumps(body: dict) -> bytes:
 def json_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> bytes:
     """The default response: model, size, per-class summary and the mask as base64 PNG."""
     mask = keep_classes(mask, classes)
-    return _dumps({**_header(mask, config), "classes": class_summary(mask, config, classes),
+    return _dumps({**_answer_head(mask, config), "classes": class_summary(mask, config, classes),
                    "mask": base64.b64encode(mask_to_png(mask, config.palette)).decode("ascii"),
                    "mask_format": "png;base64"})
 
@@ -100,7 +101,7 @@ def rle_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ..
         rle = coco_mask.encode(np.asfortranarray(binary.astype(np.uint8)))
         entries.append({**class_entry(c, binary),
                         "rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}})
-    return _dumps({**_header(mask, config), "classes": entries, "mask_format": "coco_rle"})
+    return _dumps({**_answer_head(mask, config), "classes": entries, "mask_format": "coco_rle"})
 
 
 def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
@@ -139,7 +140,7 @@ def polygons_response(mask: np.ndarray, config: ServingConfig, classes: tuple[in
         binary = remove_small_regions(mask == c.id, min_area)
         entries.append({**class_entry(c, binary),
                         "geometry": {"type": "MultiPolygon", "coordinates": polygons(binary)}})
-    return _dumps({**_header(mask, config), "classes": entries, "mask_format": "polygons",
+    return _dumps({**_answer_head(mask, config), "classes": entries, "mask_format": "polygons",
                    "coordinates": "pixel centres, x right, y down, origin at the top-left pixel"})
 
 

@@ -7,7 +7,7 @@ the call, and never carry stack traces or server paths.
 from __future__ import annotations
 
 
-class SegservError(Exception):
+class RequestError(Exception):
     """A request failed; `status` and `type` say how, `message` says why."""
 
     status: int = 500
@@ -21,7 +21,7 @@ class SegservError(Exception):
         return {"code": self.status, "type": self.type, "message": self.message}
 
 
-class BadRequest(SegservError):
+class BadRequest(RequestError):
     status, type = 400, "bad_request"
 
 
@@ -37,7 +37,7 @@ class InvalidOption(BadRequest):
     type = "invalid_option"
 
 
-class PayloadTooLarge(SegservError):
+class PayloadTooLarge(RequestError):
     status, type = 413, "payload_too_large"
 
 
@@ -45,25 +45,16 @@ class ImageTooLarge(PayloadTooLarge):
     type = "image_too_large"
 
 
-class UnsupportedMediaType(SegservError):
+class UnsupportedMediaType(RequestError):
     status, type = 415, "unsupported_media_type"
 
 
-class UnprocessableEntity(SegservError):
+class UnprocessableEntity(RequestError):
     """A well-formed request the model cannot take (e.g. a v2 tensor of the wrong datatype or shape)."""
 
     status, type = 422, "unprocessable_tensor"
 
 
-class InternalError(SegservError):
+class InternalError(RequestError):
     status, type = 500, "internal_error"
 
-
-HTTP_PHRASES = {
-    200: "OK",
-    400: "Bad Request",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    422: "Unprocessable Entity",
-    500: "Internal Server Error",
-}

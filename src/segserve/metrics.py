@@ -4,12 +4,13 @@ The pipeline reports to a `Metrics` object; what it reports goes to a sink, a ca
 `sink(name, value, kind, labels, index)`. In TorchServe the handler passes `torchserve_sink(context.metrics)`,
 which hands each observation to TorchServe's metrics API; the frontend then serves them on the
 metrics port (8082) next to its own (config.properties: metrics_mode=prometheus,
-model_metrics_auto_detect=true). Without a sink (the in-process pipeline, the CLI) nothing is recorded.
+model_metrics_auto_detect=true). Without a sink (Segmenter.predict, the CLI) nothing is recorded.
 
 Series, each also labelled ModelName, Level and Hostname by TorchServe:
 - segserve_stage_seconds{stage=decode|preprocess|forward|encode}: histogram. decode, preprocess and
-  encode are observed once per request; forward once per batch (one pass for the batch's resized images)
-  and once per tiled image.
+  encode are observed once per request; forward once per batch (one pass for the batch's resized images,
+  and their masks or probabilities at each image's size) and once per tiled image (its windows, blended
+  into its mask or probabilities). Failed requests are timed too.
 - segserve_images_total, segserve_pixels_total: counters of images answered with 200 and their pixels.
 - segserve_errors_total{type=..., status=...}: counter of refused or failed requests by error type.
 """

@@ -3,7 +3,8 @@
 Where options come from, first match wins:
 1. fields of a JSON body (`{"image": "<base64>", "format": "rle"}`) or of a multipart form;
 2. the URL path after the version: `/predictions/segmenter/1.0/rle` (format only);
-3. the `Accept` header (`image/png`, `image/jpeg`, `application/x-npy`, `application/json`).
+3. the `Accept` header: the media types the formats claim (segserve.formats: `image/png`, `image/jpeg`,
+   `application/x-npy`, `application/json`).
 TorchServe drops URL query strings before the handler sees the request, so
 `?format=png` cannot work; the client and the docs never use it.
 """
@@ -13,19 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import formats
 from .config import ServingConfig
 from .errors import InvalidOption
 
-FORMATS = {
-    "json": "application/json",
-    "png": "image/png",
-    "rle": "application/json",
-    "polygons": "application/json",
-    "overlay": "image/jpeg",
-    "probs": "application/x-npy",
-}
-ACCEPT_TO_FORMAT = {"image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs",
-                    "application/json": "json"}
+# The format names (formats.REGISTRY), for the CLI's --format choices.
+FORMATS = tuple(formats.REGISTRY)
 OPTION_NAMES = ("format", "classes", "min_area", "tile")
 # Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
 TILE_MODES = ("auto", "on", "off")
@@ -35,17 +29,13 @@ IMAGE_FIELDS = ("body", "data", "file", "image")
 
 @dataclass(frozen=True)
 class Options:
-    format: str = "json"
+    format: str = formats.DEFAULT  # a name in formats.REGISTRY
     classes: tuple[int, ...] | None = None  # None: all classes
     min_area: int = 0
     tile: str = "auto"
 
-    @property
-    def content_type(self) -> str:
-        return FORMATS[self.format]
 
-
-def header(headers: dict[str, Any], name: str) -> str | None:
+def request_header(headers: dict[str, Any], name: str) -> str | None:
     """A request header by case-insensitive name (TorchServe keeps the client's spelling)."""
     for key, value in headers.items():
         if isinstance(key, str) and key.lower() == name and isinstance(value, str):
@@ -79,18 +69,14 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
 
 def _format(value: Any, headers: dict[str, Any]) -> str:
     if value is None:
-        value = header(headers, "url_path") or None
+        value = request_header(headers, "url_path") or None
     if value is not None:
         name = str(value).strip().lower()
-        if name not in FORMATS:
-            raise InvalidOption(f"format={name!r} is not supported; use one of: {', '.join(FORMATS)}")
+        if name not in formats.REGISTRY:
+            raise InvalidOption(f"format={name!r} is not supported; use one of: {', '.join(formats.REGISTRY)}")
         return name
-    accept = header(headers, "accept") or ""
-    for media_range in accept.split(","):
-        media = media_range.split(";")[0].strip().lower()
-        if media in ACCEPT_TO_FORMAT:
-            return ACCEPT_TO_FORMAT[media]
-    return "json"
+    negotiated = formats.for_accept(request_header(headers, "accept") or "")
+    return negotiated.name if negotiated is not None else formats.DEFAULT
 
 
 def parse_classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:

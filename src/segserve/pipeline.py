@@ -1,12 +1,20 @@
-"""The whole request path, without TorchServe: decode -> batch forward -> masks -> bodies.
+"""The request path for one batch: plan -> decode -> forward and masks -> encode.
 
-Images up to one window (or with tile=off, or under handler.tiling.auto_above_pixels)
-are resized to the model's input and batched into one forward pass; larger ones go
-through sliding windows at their own scale (segserve.tiling), one request at a time.
+handler/segmenter_handler.py maps TorchServe's preprocess, inference and postprocess onto
+`Segmenter.prepare`, `Segmenter.infer` and `Segmenter.answer`, which pass one `Batch` along:
+1. prepare: each request's Plan (segserve.plan: protocol, format, tile or resize, decoder, what the
+   encoder needs), decided once from the request and its image header; then its pixels decoded as the
+   plan says (Pillow per request, or torchvision for the batch's JPEGs) and, for resized plans, its
+   model input;
+2. infer: the resized requests in one forward pass, tiled ones through sliding windows at their own
+   scale (segserve.tiling); every request leaves it with a uint8 mask at its image's size, or float16
+   class probabilities when its format takes them;
+3. answer: the format's encoder (segserve.formats) or the v2 answer (segserve.v2).
+A bad request gets its own JSON error in its own protocol and never changes the answers of the others;
+a forward pass that fails for the batch raises, so TorchServe answers the batch 503.
 
-`Segmenter.handle_batch` answers every request of a batch on its own: a bad
-request gets its own JSON error and never changes the answers of the good
-requests batched with it.
+`Segmenter.predict` runs the same stages for decoded images and returns their masks (evaluation,
+figures).
 """
 
 from __future__ import annotations
@@ -14,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -24,71 +33,85 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, tiling
-from . import encoders as encode
-from . import v2 as oip
+from . import decode, tiling, v2
 from .config import ServingConfig
-from .errors import HTTP_PHRASES, InternalError, PayloadTooLarge, SegservError
+from .decode import ImageFile
+from .errors import InternalError, RequestError
 from .families import load_model
+from .formats import EncoderInput
 from .metrics import Metrics
-from .options import Options, parse_options
+from .plan import PROBS, TORCHVISION, Plan, Planner, Source
 from .transforms import logits_to_mask, tensor_to_model_input, to_model_input, upsample_logits
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Request:
-    """One client request as TorchServe delivers it: its inputs by name and its HTTP headers."""
-
-    inputs: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-    id: str | None = None  # TorchServe's request id (the x-request-id response header), for the logs
-
-
-@dataclass
+@dataclass(frozen=True)
 class Response:
+    """One request's answer: what the handler sets on TorchServe's context for it."""
+
     status: int
     content_type: str
     body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)  # extra response headers (v2 binary data)
     error_type: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (v2 binary data)
 
     @property
     def phrase(self) -> str:
-        return HTTP_PHRASES.get(self.status, "")
-
-    @classmethod
-    def from_error(cls, error: SegservError) -> Response:
-        return cls(error.status, "application/json", json.dumps(error.to_dict()).encode(), error.type)
+        return HTTPStatus(self.status).phrase
 
 
-@dataclass
-class Decoded:
-    """A request that passed decoding: its model input and what postprocess needs to answer it."""
-
-    index: int
-    tensor: torch.Tensor | None  # the resized model input; None when tiled
-    width: int
-    height: int
-    options: Options
-    image: Image.Image | None = None  # kept for tiling and for format=overlay
-    tiled: bool = False
-    v2: oip.V2Request | None = None  # an Open Inference Protocol v2 request, answered in v2 form
-    request_id: str | None = None
-    jpeg: bytes | None = None  # waiting for the batched torchvision decode (runtime.decoder), then tensor is set
-    orientation: int = 1  # the waiting JPEG's EXIF orientation
+def error_response(error: RequestError, is_v2: bool = False, v2_id: str | None = None) -> Response:
+    """The error in the request's own protocol: a v2 error body for v2 requests, else segserve's JSON error."""
+    body = v2.error_body(error, v2_id) if is_v2 else json.dumps(error.to_dict()).encode()
+    return Response(error.status, "application/json", body, error_type=error.type)
 
 
-@dataclass
-class Prediction:
-    """The model's answer for one request: logits at the model's size (untiled), or the mask or the
-    probabilities already at the image's size (tiled), or the error that stopped it."""
+class Batch:
+    """One batch on its way through the stages: the one owner of each request's state, by slot.
 
-    logits: torch.Tensor | None = None
-    mask: np.ndarray | None = None
-    probs: np.ndarray | None = None
-    error: SegservError | None = None
+    A request has its Plan once planned; then, until it is answered, what its next stage needs:
+    its JPEG waiting for the batched decode, its model input (resized plans) or its image (tiled
+    plans, and plans whose answer is drawn on it), then the output inference made for it. A request
+    that fails is answered with its error at once and takes no further part.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.plans: dict[int, Plan] = {}
+        self.jpegs: dict[int, ImageFile] = {}
+        self.model_inputs: dict[int, torch.Tensor] = {}
+        self.images: dict[int, Image.Image] = {}
+        self.outputs: dict[int, np.ndarray] = {}
+        self.answers: dict[int, Response] = {}
+        self.errors: dict[int, RequestError] = {}
+
+    def pending(self) -> list[Plan]:
+        """The planned requests not answered yet, in batch order."""
+        return [plan for index, plan in sorted(self.plans.items()) if index not in self.answers]
+
+    def fail(self, index: int, error: RequestError, response: Response) -> None:
+        self.errors[index] = error
+        self.answers[index] = response
+        for state in (self.jpegs, self.model_inputs, self.images, self.outputs):
+            state.pop(index, None)
+
+    def responses(self) -> list[Response]:
+        return [self.answers[index] for index in range(self.size)]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """How a stage reports a request's failure: the log's wording and the 500 message for our own bugs."""
+
+    verb: str  # a RequestError: "request <id> refused|failed: <status> <type>: <message>"
+    doing: str  # an unexpected exception: "request <id>: unexpected error <doing>" (with the traceback)
+    internal: str  # what the client is told then
+
+
+DECODING = _Stage("refused", "while decoding", "the image could not be processed")
+INFERENCE = _Stage("failed", "in inference", "the image could not be segmented")
+ENCODING = _Stage("failed", "while encoding the mask", "the mask could not be encoded")
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -98,13 +121,20 @@ def pick_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
-def content_types(headers: dict[str, Any]) -> dict[str, str]:
-    """Per-input content types as TorchServe reports them: {"body": {"content-type": "image/png"}}."""
-    return {k: v.get("content-type", "") for k, v in headers.items() if isinstance(v, dict)}
+def _is_v2(inputs: dict[str, Any], headers: dict[str, Any]) -> bool:
+    try:
+        return v2.is_v2(inputs, headers)
+    except Exception:  # a body that cannot even be inspected still gets its own (REST) error, not the batch's
+        return False
+
+
+def _responder(inputs: dict[str, Any], headers: dict[str, Any], is_v2: bool) -> Callable[[RequestError], Response]:
+    """Error answers for a request that may have no plan yet: a v2 body names the request's id if it can be read."""
+    return lambda error: error_response(error, is_v2, v2.request_id(inputs, headers) if is_v2 else None)
 
 
 class Segmenter:
-    """A loaded model with its serving config: the in-process pipeline the handler wraps."""
+    """A loaded model with its serving config, and the stages of the request path."""
 
     def __init__(self, config: ServingConfig, model: nn.Module, device: torch.device | str = "cpu",
                  metrics: Metrics | None = None):
@@ -112,8 +142,7 @@ class Segmenter:
         self.model = model
         self.device = torch.device(device)
         self.metrics = metrics or Metrics()  # stage times, images, errors (segserve.metrics); none by default
-        # JPEGs for the model are decoded by torchvision in one call per batch (nvJPEG on a GPU).
-        self.batch_decode = config.decoder == "torchvision" or (config.decoder == "auto" and self.device.type == "cuda")
+        self.planner = Planner(config, self.device)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: ServingConfig | None = None,
@@ -140,10 +169,6 @@ class Segmenter:
         height, width = self.config.input_size
         self.forward(torch.zeros(1, 3, height, width))
 
-    # -- stages -----------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return to_model_input(image, self.config.input_size, self.config.mean, self.config.std)
-
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode."""
         batch = batch.to(self.device, non_blocking=True)
@@ -165,233 +190,171 @@ class Segmenter:
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def masks(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        """Logits (N, C, h, w) -> one uint8 mask per image at its (width, height)."""
-        return [logits_to_mask(logits[i], height, width) for i, (width, height) in enumerate(sizes)]
+    # -- 1. prepare: plan, decode, model input ------------------------------------------------
+    def prepare(self, data: list[dict[str, Any]], headers: list[dict[str, Any]],
+                request_ids: list[str | None]) -> Batch:
+        """A Batch of TorchServe's requests (inputs by name, request headers, request ids), planned and decoded."""
+        batch = Batch(len(data))
+        for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
+            is_v2 = _is_v2(inputs, request_headers)
+            with self._guard(batch, index, request_id, DECODING, _responder(inputs, request_headers, is_v2)):
+                self._prepare(batch, index, request_id, inputs, request_headers, is_v2)
+        if batch.jpegs:
+            self._decode_jpegs(batch)
+        return batch
 
-    def _tiling_args(self) -> tuple:
-        config = self.config
-        return self.forward, config.tile_size, config.tiling.overlap, config.tiling.batch, config.mean, config.std
-
-    def tiled_mask(self, image: Image.Image) -> np.ndarray:
-        """Sliding-window mask of the whole image at its own scale (segserve.tiling)."""
-        return tiling.sliding_window_mask(image, *self._tiling_args())
-
-    def tiled_probs(self, image: Image.Image, channels: tuple[int, ...] | None = None) -> np.ndarray:
-        return tiling.sliding_window_probs(image, *self._tiling_args(), channels=channels)
-
-    def predict(self, images: list[Image.Image], tile: str = "auto") -> list[np.ndarray]:
-        """RGB images -> class-index masks at each image's own size (the in-process reference path).
-
-        `tile` as the request option: auto, on or off."""
-        tiled = [tiling.should_tile(image.width, image.height, tile, self.config) for image in images]
-        resized = [image for image, t in zip(images, tiled, strict=True) if not t]
-        masks = iter(self.masks(self.forward(torch.stack([self.preprocess_image(image) for image in resized])),
-                                [image.size for image in resized]) if resized else [])
-        return [self.tiled_mask(image) if t else next(masks) for image, t in zip(images, tiled, strict=True)]
-
-    def encode(self, prediction: Prediction, item: Decoded) -> Response:
-        """One request's answer in its format, from its prediction."""
-        if prediction.error is not None:
-            raise prediction.error
-        options, config = item.options, self.config
-        if options.format == "probs" and item.v2 is None:
-            return self._probs(prediction, item)
-        mask = prediction.mask if prediction.mask is not None else logits_to_mask(prediction.logits, item.height,
-                                                                                   item.width)
-        if item.v2 is not None:
-            body, content_type, headers = oip.answer(mask, item.v2, config)
-            return Response(200, content_type, body, headers=headers)
-        if options.format == "png":
-            body = encode.mask_to_png(encode.keep_classes(mask, options.classes), config.palette)
-        elif options.format == "rle":
-            body = encode.rle_response(mask, config, options.classes, options.min_area)
-        elif options.format == "polygons":
-            body = encode.polygons_response(mask, config, options.classes, options.min_area)
-        elif options.format == "overlay":
-            body = encode.overlay_jpeg(item.image, encode.keep_classes(mask, options.classes), config)
-        else:
-            body = encode.json_response(mask, config, options.classes)
-        return Response(200, options.content_type, body)
-
-    def check_response_size(self, options: Options, width: int, height: int) -> None:
-        """format=probs grows with classes x pixels: refuse it before any work when over max_response_bytes."""
-        if options.format != "probs":
-            return
-        size = len(options.classes or range(self.config.num_classes)) * width * height * 2
-        limit = self.config.limits.max_response_bytes
-        if size > limit:
-            raise PayloadTooLarge(
-                f"format=probs for this {width}x{height} image would be {size} bytes; the limit is {limit} "
-                "(max_response_bytes): ask for fewer classes (classes=...), send a smaller image, or use format=png")
-
-    def _probs(self, prediction: Prediction, item: Decoded) -> Response:
-        # The size was checked in decode_request, before any work.
-        probs = prediction.probs
-        if probs is None:
-            channels = list(item.options.classes or range(self.config.num_classes))
-            probs = upsample_logits(prediction.logits, item.height, item.width).softmax(0)[channels]
-            probs = probs.to(torch.float16).cpu().numpy()
-        return Response(200, "application/x-npy", encode.probs_npy(probs))
-
-    # -- the batch, request by request ------------------------------------------------------
-    def decode_request(self, index: int, request: Request) -> Decoded:
+    def _prepare(self, batch: Batch, index: int, request_id: str | None, inputs: dict[str, Any],
+                 headers: dict[str, Any], is_v2: bool) -> None:
         with self.metrics.time("decode", index):
-            decoded = self._decode(index, request)
-        decoded.request_id = request.id
-        if not decoded.tiled and decoded.jpeg is None:  # waiting JPEGs are decoded and resized as a batch
-            with self.metrics.time("preprocess", index):
-                decoded.tensor = self.preprocess_image(decoded.image)
-            if decoded.options.format != "overlay":
-                decoded.image = None  # only overlay draws over the image; let it go
-        return decoded
+            plan, source = self.planner.plan(index, request_id, inputs, headers, is_v2)
+            batch.plans[index] = plan
+            if plan.decoder == TORCHVISION:  # decoded with the batch's other JPEGs (_decode_jpegs)
+                batch.jpegs[index] = source
+                return
+            image = self._decode(plan, source)
+        self._take_image(batch, plan, image)
 
-    def _decode(self, index: int, request: Request) -> Decoded:
-        """Bytes -> image and options; the model input (tensor) is left to decode_request."""
-        if oip.is_v2(request.inputs, request.headers):
-            v2 = oip.parse(request.inputs, request.headers, self.config)
-            return Decoded(index, None, v2.image.width, v2.image.height, Options(), v2.image, v2=v2)
-        options = parse_options(request.inputs, request.headers, self.config)
-        data = decode.extract_image_bytes(request.inputs, content_types(request.headers))
-        limits = self.config.limits
-        if options.format == "overlay":  # drawn over the full-resolution image
-            image = decode.decode_image(data, limits)
-            width, height = image.size
-        elif self.batch_decode and (jpeg := self._batch_decodable(index, data, options)) is not None:
-            return jpeg
-        else:  # a large JPEG may be decoded smaller, unless it is to be tiled at its own scale
-            image, width, height = decode.decode_for_model(
-                data, limits, self.config.input_size,
-                full_if=lambda w, h: tiling.should_tile(w, h, options.tile, self.config))
-        self.check_response_size(options, width, height)
-        if tiling.should_tile(width, height, options.tile, self.config):
-            return Decoded(index, None, width, height, options, image, tiled=True)
-        return Decoded(index, None, width, height, options, image)
+    def _decode(self, plan: Plan, source: Source) -> Image.Image:
+        if isinstance(source, Image.Image):
+            return source
+        return source.decode(self.config.input_size if plan.reduce else None)
 
-    def _batch_decodable(self, index: int, data: bytes, options: Options) -> Decoded | None:
-        """A Decoded waiting for the batched torchvision decode, or None when Pillow should decode it:
-        not a JPEG, CMYK (torchvision's colours differ), or to be tiled (tiles are cut from a PIL image)."""
-        header = decode.probe(data, self.config.limits)
-        if header.format != "JPEG" or header.mode not in ("RGB", "L") or \
-                tiling.should_tile(header.width, header.height, options.tile, self.config):
-            return None
-        self.check_response_size(options, header.width, header.height)
-        return Decoded(index, None, header.width, header.height, options, jpeg=data, orientation=header.orientation)
+    def _take_image(self, batch: Batch, plan: Plan, image: Image.Image) -> None:
+        """Keep what the next stages need of a decoded image: the image itself, or the model input."""
+        if plan.tiled or plan.keep_image:
+            batch.images[plan.index] = image
+        if not plan.tiled:
+            with self.metrics.time("preprocess", plan.index):
+                batch.model_inputs[plan.index] = to_model_input(image, self.config.input_size, self.config.mean,
+                                                                self.config.std)
 
-    def preprocess(self, requests: list[Request]) -> tuple[list[Decoded], dict[int, Response]]:
-        """Decode every request; failures become that request's error response."""
-        decoded: list[Decoded] = []
-        failed: dict[int, Response] = {}
-        for index, request in enumerate(requests):
-            with self._request_errors(index, request, failed):
-                decoded.append(self.decode_request(index, request))
-        pending = [item for item in decoded if item.jpeg is not None]
-        if pending:
-            self._decode_jpegs(pending, requests, failed)
-            decoded = [item for item in decoded if item.index not in failed]
-        return decoded, failed
-
-    @contextlib.contextmanager
-    def _request_errors(self, index: int, request: Request, failed: dict[int, Response]) -> Iterator[None]:
-        """A failure inside the block becomes this request's own error response; the batch goes on."""
-        name = request_name(request.id, index)
-        try:
-            yield
-        except SegservError as error:
-            logger.info("request %s refused: %s %s: %s", name, error.status, error.type, error.message)
-            failed[index] = self.error_response(error, request)
-        except Exception:  # a bug of ours, or e.g. out of GPU memory, must not take the batch down
-            logger.exception("request %s: unexpected error while decoding", name)
-            failed[index] = self.error_response(InternalError("the image could not be processed"), request)
-
-    def _decode_jpegs(self, pending: list[Decoded], requests: list[Request], failed: dict[int, Response]) -> None:
+    def _decode_jpegs(self, batch: Batch) -> None:
         """Batched torchvision decode of the waiting JPEGs into model inputs on the model's device.
-        If the batch call fails, each image is decoded by Pillow alone; failures go into `failed`."""
+        If the batch call fails, each image is decoded by Pillow alone, which names the broken one."""
         config = self.config
+        waiting = sorted(batch.jpegs.items())
         try:
             with self.metrics.time("decode"):
-                images = decode.decode_jpegs([item.jpeg for item in pending], [item.orientation for item in pending],
-                                             self.device)
+                pixels = decode.decode_jpegs([file.data for _, file in waiting],
+                                             [file.header.orientation for _, file in waiting], self.device)
         except Exception:  # noqa: BLE001 - one bad JPEG fails torchvision's whole call: find it with Pillow
-            images = [None] * len(pending)
-        for item, pixels in zip(pending, images, strict=True):
-            with self._request_errors(item.index, requests[item.index], failed):
-                if pixels is None or tuple(pixels.shape[-2:]) != (item.height, item.width):
-                    with self.metrics.time("decode", item.index):
-                        pixels, _, _ = decode.decode_for_model(item.jpeg, config.limits, config.input_size)
-                with self.metrics.time("preprocess", item.index):
-                    item.tensor = (self.preprocess_image(pixels) if isinstance(pixels, Image.Image) else
-                                   tensor_to_model_input(pixels, config.input_size, config.mean, config.std))
-            item.jpeg = None
+            pixels = [None] * len(waiting)
+        for (index, file), tensor in zip(waiting, pixels, strict=True):
+            plan = batch.plans[index]
+            with self._guard(batch, index, plan.request_id, DECODING, self._respond(plan)):
+                if tensor is None or tuple(tensor.shape[-2:]) != (plan.height, plan.width):
+                    with self.metrics.time("decode", index):
+                        image = self._decode(plan, file)
+                    self._take_image(batch, plan, image)
+                else:
+                    with self.metrics.time("preprocess", index):
+                        batch.model_inputs[index] = tensor_to_model_input(tensor, config.input_size, config.mean,
+                                                                          config.std)
+        batch.jpegs.clear()
 
-    def inference(self, decoded: list[Decoded]) -> list[Prediction]:
-        """One Prediction per decoded request: resized ones in one forward pass, tiled ones one by one."""
-        resized = [d for d in decoded if not d.tiled]
-        logits = iter([])
+    # -- 2. infer: forward passes, and masks or probabilities at each image's size ---------------
+    def infer(self, batch: Batch) -> Batch:
+        """Every pending request gets its output: resized ones from one forward pass, tiled ones one by one."""
+        plans = batch.pending()
+        resized = [plan for plan in plans if not plan.tiled]
         if resized:
-            try:
-                with self.metrics.time("forward"):
-                    logits = iter(self.forward(torch.stack([d.tensor.to(self.device) for d in resized])))
-            except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
-                logger.error("forward pass failed for requests %s: %s: %s",
-                             ", ".join(request_name(d.request_id, d.index) for d in resized), type(exc).__name__, exc)
-                for item in resized:
-                    self.metrics.failed("prediction_failed", 503, item.index)
-                raise
-        return [self._tiled(item) if item.tiled else Prediction(logits=next(logits)) for item in decoded]
+            with self.metrics.time("forward"):
+                logits = self._forward_batch(batch, resized)
+                for plan, row in zip(resized, logits, strict=True):
+                    with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)):
+                        batch.outputs[plan.index] = self._output_from_logits(plan, row)
+        for plan in plans:
+            if plan.tiled:
+                with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)), \
+                        self.metrics.time("forward", plan.index):
+                    image = batch.images[plan.index] if plan.keep_image else batch.images.pop(plan.index)
+                    batch.outputs[plan.index] = self._tiled_output(plan, image)
+        return batch
 
-    def _tiled(self, item: Decoded) -> Prediction:
+    def _forward_batch(self, batch: Batch, plans: list[Plan]) -> torch.Tensor:
         try:
-            with self.metrics.time("forward", item.index):
-                if item.options.format == "probs":
-                    return Prediction(probs=self.tiled_probs(item.image, item.options.classes))
-                return Prediction(mask=self.tiled_mask(item.image))
-        except SegservError as error:
-            return Prediction(error=error)
-        except Exception:  # e.g. out of memory: this request fails, the batch goes on
-            logger.exception("request %s: unexpected error in tiled inference",
-                             request_name(item.request_id, item.index))
-            return Prediction(error=InternalError("the image could not be segmented"))
+            return self.forward(torch.stack([batch.model_inputs.pop(plan.index).to(self.device) for plan in plans]))
+        except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
+            logger.error("forward pass failed for requests %s: %s: %s",
+                         ", ".join(request_name(plan.request_id, plan.index) for plan in plans),
+                         type(exc).__name__, exc)
+            for plan in plans:
+                self.metrics.failed("prediction_failed", 503, plan.index)
+            raise
 
-    def postprocess(self, decoded: list[Decoded], predictions: list[Prediction],
-                    failed: dict[int, Response], count: int) -> list[Response]:
-        """One response per request, in request order."""
-        responses: dict[int, Response] = dict(failed)
-        for item, prediction in zip(decoded, predictions, strict=True):
-            try:
-                with self.metrics.time("encode", item.index):
-                    responses[item.index] = self.encode(prediction, item)
-                self.metrics.answered(item.width, item.height, item.index)
-            except SegservError as error:
-                logger.info("request %s failed: %s %s: %s", request_name(item.request_id, item.index),
-                            error.status, error.type, error.message)
-                responses[item.index] = self.error_response(error, v2=item.v2)
-            except Exception:
-                logger.exception("request %s: unexpected error while encoding the mask",
-                                 request_name(item.request_id, item.index))
-                responses[item.index] = self.error_response(InternalError("the mask could not be encoded"), v2=item.v2)
-        for index, response in responses.items():
+    def _output_from_logits(self, plan: Plan, logits: torch.Tensor) -> np.ndarray:
+        """(C, h, w) logits at the model's size -> the plan's output at the image's size."""
+        if plan.output == PROBS:
+            channels = list(plan.options.classes or range(self.config.num_classes))
+            probs = upsample_logits(logits, plan.height, plan.width).softmax(0)[channels]
+            return probs.to(torch.float16).cpu().numpy()
+        return logits_to_mask(logits, plan.height, plan.width)
+
+    def _tiled_output(self, plan: Plan, image: Image.Image) -> np.ndarray:
+        config = self.config
+        args = (image, self.forward, config.tile_size, config.tiling.overlap, config.tiling.batch, config.mean,
+                config.std)
+        if plan.output == PROBS:
+            return tiling.sliding_window_probs(*args, channels=plan.options.classes)
+        return tiling.sliding_window_mask(*args)
+
+    # -- 3. answer: encode ----------------------------------------------------------------------
+    def answer(self, batch: Batch) -> list[Response]:
+        """One response per request, in batch order."""
+        for plan in batch.pending():
+            with self._guard(batch, plan.index, plan.request_id, ENCODING, self._respond(plan)):
+                with self.metrics.time("encode", plan.index):
+                    batch.answers[plan.index] = self._encode(plan, batch.outputs.pop(plan.index),
+                                                             batch.images.pop(plan.index, None))
+                self.metrics.answered(plan.width, plan.height, plan.index)
+        responses = batch.responses()
+        for index, response in enumerate(responses):
             if response.status >= 400:
                 self.metrics.failed(response.error_type or "unknown", response.status, index)
-        return [responses[i] for i in range(count)]
+        return responses
 
+    def _encode(self, plan: Plan, output: np.ndarray, image: Image.Image | None) -> Response:
+        if plan.v2 is not None:
+            body, content_type, headers = v2.answer(output, plan.v2, self.config)
+            return Response(200, content_type, body, headers=headers)
+        return Response(200, plan.format.content_type,
+                        plan.format.encode(EncoderInput(output, plan.options, self.config, image)))
+
+    # -- in-process use ------------------------------------------------------------------------
+    def predict(self, images: list[Image.Image], tile: str = "auto") -> list[np.ndarray]:
+        """RGB images -> class-index masks at each image's own size, through the same stages as requests.
+
+        `tile` as the request option: auto, on or off. Raises the first image's error, if any."""
+        batch = Batch(len(images))
+        for index, image in enumerate(images):
+            plan = self.planner.for_image(index, image, tile)
+            batch.plans[index] = plan
+            self._take_image(batch, plan, image)
+        self.infer(batch)
+        if batch.errors:
+            raise batch.errors[min(batch.errors)]
+        return [batch.outputs[index] for index in range(len(images))]
+
+    # -- per-request failures ------------------------------------------------------------------
     @staticmethod
-    def error_response(error: SegservError, request: Request | None = None,
-                       v2: oip.V2Request | None = None) -> Response:
-        """The error in the request's own protocol: v2 requests get a v2 error body."""
-        if v2 is None:
-            try:
-                v2_body = request is not None and oip.is_v2(request.inputs, request.headers)
-            except Exception:  # a body that cannot even be inspected still gets its own error, not the batch's
-                v2_body = False
-            if not v2_body:
-                return Response.from_error(error)
-        request_id = v2.id if v2 is not None else oip.request_id(request.inputs, request.headers)
-        return Response(error.status, "application/json", oip.error_body(error, request_id), error.type)
+    def _respond(plan: Plan) -> Callable[[RequestError], Response]:
+        return lambda error: error_response(error, plan.v2 is not None, plan.v2.id if plan.v2 is not None else None)
 
-    def handle_batch(self, requests: list[Request]) -> list[Response]:
-        decoded, failed = self.preprocess(requests)
-        return self.postprocess(decoded, self.inference(decoded), failed, len(requests))
+    @contextlib.contextmanager
+    def _guard(self, batch: Batch, index: int, request_id: str | None, stage: _Stage,
+               respond: Callable[[RequestError], Response]) -> Iterator[None]:
+        """A failure inside the block becomes this request's own error answer; the batch goes on."""
+        name = request_name(request_id, index)
+        try:
+            yield
+        except RequestError as error:
+            logger.info("request %s %s: %s %s: %s", name, stage.verb, error.status, error.type, error.message)
+            batch.fail(index, error, respond(error))
+        except Exception as exc:  # a bug of ours, or e.g. out of GPU memory, must not take the batch down
+            logger.exception("request %s: unexpected error %s", name, stage.doing)
+            error = InternalError(stage.internal)
+            error.__cause__ = exc
+            batch.fail(index, error, respond(error))
 
 
 def request_name(request_id: str | None, index: int) -> str:

@@ -53,12 +53,6 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
     return [*range(0, length - window, stride), length - window]
 
 
-def window_grid(height: int, width: int, tile: tuple[int, int], overlap: float) -> list[tuple[int, int]]:
-    """(top, left) of every window, row by row."""
-    return [(top, left) for top in window_starts(height, tile[0], overlap)
-            for left in window_starts(width, tile[1], overlap)]
-
-
 def gaussian_importance_map(tile: tuple[int, int], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
     """float32 (height, width) weights: a Gaussian centred on the window, peak 1, symmetric, > 0."""
     axes = []

@@ -29,25 +29,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import decode
-from . import encoders as encode
+from . import decode, encoders
 from .config import Limits, ServingConfig
-from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, SegservError, UnprocessableEntity
-from .options import header, parse_classes
+from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, RequestError, UnprocessableEntity
+from .options import parse_classes, request_header
 
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUT_NAME = "mask"
-OUTPUT_FORMATS = ("tensor", "png")
+OUTPUT_KINDS = ("tensor", "png")  # the `format` parameter: UINT8 [H, W] class ids, or BYTES [1] PNG
 REQUEST_PARAMETERS = ("format", "classes", "binary_data_output")
 
 
 @dataclass(frozen=True)
 class V2Request:
-    """One parsed v2 request: its image and how to answer it."""
+    """How to answer one parsed v2 request."""
 
-    image: Image.Image
     id: str | None = None
-    format: str = "tensor"  # "tensor": UINT8 [H, W]; "png": BYTES [1]
+    output: str = "tensor"  # one of OUTPUT_KINDS
     classes: tuple[int, ...] | None = None  # None: all classes
     binary_output: bool = False
 
@@ -62,7 +60,7 @@ def is_v2(inputs: dict[str, Any], headers: dict[str, Any]) -> bool:
     if isinstance(body, dict):
         return isinstance(body.get("inputs"), list)
     if isinstance(body, (bytes, bytearray)):
-        if header(headers, HEADER_LENGTH) is not None:
+        if request_header(headers, HEADER_LENGTH) is not None:
             return True
         # JSON sent without a JSON Content-Type reaches us as bytes; images never start with '{'.
         if body[:1] == b"{":
@@ -80,7 +78,7 @@ def split_body(inputs: dict[str, Any], headers: dict[str, Any]) -> tuple[dict[st
     if isinstance(body, dict):
         return body, b""
     body = bytes(body)
-    length = header(headers, HEADER_LENGTH)
+    length = request_header(headers, HEADER_LENGTH)
     if length is None:
         length = str(len(body))
     if not length.strip().isdigit() or int(length) > len(body):
@@ -94,8 +92,10 @@ def split_body(inputs: dict[str, Any], headers: dict[str, Any]) -> tuple[dict[st
     return doc, body[int(length):]
 
 
-def parse(inputs: dict[str, Any], headers: dict[str, Any], config: ServingConfig) -> V2Request:
-    """A v2 request -> its image (RGB) and answer settings; SegservError (400/413/422) if it is unusable."""
+def parse(inputs: dict[str, Any], headers: dict[str, Any],
+          config: ServingConfig) -> tuple[V2Request, decode.ImageFile | Image.Image]:
+    """A v2 request -> how to answer it, and its image: an image file opened lazily (BYTES; its header read,
+    the limits checked) or RGB pixels (UINT8). RequestError (400/413/422) if it is unusable."""
     doc, binary = split_body(inputs, headers)
     if len(doc["inputs"]) != 1:
         raise UnprocessableEntity(f"one input per request (an image), got {len(doc['inputs'])}; send each image "
@@ -107,7 +107,7 @@ def parse(inputs: dict[str, Any], headers: dict[str, Any], config: ServingConfig
     datatype = str(tensor.get("datatype", "")).upper()
     shape = _shape(tensor)
     if datatype == "BYTES":
-        image = decode.decode_image(_image_file(tensor, shape, raw), config.limits)
+        image = decode.ImageFile(_image_file(tensor, shape, raw), config.limits)
     elif datatype == "UINT8":
         image = _pixels(tensor, shape, raw, config.limits)
     else:
@@ -117,28 +117,28 @@ def parse(inputs: dict[str, Any], headers: dict[str, Any], config: ServingConfig
     unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
     if unknown:
         raise InvalidOption(f"unknown parameter {unknown[0]!r}; the parameters are: {', '.join(REQUEST_PARAMETERS)}")
-    output_format, binary_output = parameters.get("format"), bool(parameters.get("binary_data_output", False))
+    kind, binary_output = parameters.get("format"), bool(parameters.get("binary_data_output", False))
     for output in doc.get("outputs") or []:
         name = output.get("name") if isinstance(output, dict) else None
         if name != OUTPUT_NAME:
             raise InvalidOption(f"unknown output {name!r}; this model's output is {OUTPUT_NAME!r}")
         output_parameters = _parameters(output.get("parameters"))
-        output_format = output_parameters.get("format", output_format)
+        kind = output_parameters.get("format", kind)
         binary_output = bool(output_parameters.get("binary_data", binary_output))
-    output_format = str(output_format or "tensor").lower()
-    if output_format not in OUTPUT_FORMATS:
-        raise InvalidOption(f"format={output_format!r} is not supported for v2; use one of: "
-                            f"{', '.join(OUTPUT_FORMATS)}")
+    kind = str(kind or "tensor").lower()
+    if kind not in OUTPUT_KINDS:
+        raise InvalidOption(f"format={kind!r} is not supported for v2; use one of: {', '.join(OUTPUT_KINDS)}")
     request_id = doc.get("id")
-    return V2Request(image=image, id=None if request_id is None else str(request_id), format=output_format,
-                     classes=parse_classes(parameters.get("classes"), config), binary_output=binary_output)
+    request = V2Request(id=None if request_id is None else str(request_id), output=kind,
+                        classes=parse_classes(parameters.get("classes"), config), binary_output=binary_output)
+    return request, image
 
 
 def request_id(inputs: dict[str, Any], headers: dict[str, Any]) -> str | None:
     """The request's `id` when the body can be read that far (for error answers)."""
     try:
         value = split_body(inputs, headers)[0].get("id")
-    except SegservError:
+    except RequestError:
         return None
     return None if value is None else str(value)
 
@@ -215,9 +215,9 @@ def _pixels(tensor: dict[str, Any], shape: list[int], raw: bytes | None, limits:
 # -- answers ------------------------------------------------------------------------------------
 def answer(mask: np.ndarray, request: V2Request, config: ServingConfig) -> tuple[bytes, str, dict[str, str]]:
     """The v2 answer for one mask: (body, content type, extra response headers)."""
-    mask = encode.keep_classes(mask, request.classes)
-    if request.format == "png":
-        png = encode.mask_to_png(mask, config.palette)
+    mask = encoders.keep_classes(mask, request.classes)
+    if request.output == "png":
+        png = encoders.mask_to_png(mask, config.palette)
         output = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [1]}
         raw, json_data = struct.pack("<I", len(png)) + png, [base64.b64encode(png).decode()]
     else:
@@ -236,7 +236,7 @@ def answer(mask: np.ndarray, request: V2Request, config: ServingConfig) -> tuple
     return json.dumps(doc, separators=(",", ":")).encode(), "application/json", {}
 
 
-def error_body(error: SegservError, request_id: str | None = None) -> bytes:
+def error_body(error: RequestError, request_id: str | None = None) -> bytes:
     """A v2 error (`{"error": message}`, what v2 clients read) plus segserve's code, type and message."""
     doc: dict[str, Any] = {"error": error.message, **error.to_dict()}
     if request_id is not None:

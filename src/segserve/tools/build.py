@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +28,86 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from ..config import ConfigError, ServingConfig
-from ..families import TORCHVISION_ARCHS, build_model, load_state_dict
+from .. import families
+from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, whole_number
+from ..families import IMAGENET_MEAN, IMAGENET_STD, build_model, load_state_dict  # noqa: F401
 
+# IMAGENET_MEAN/STD are read from here by bench: what the photo-model archives normalize with.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # segserve/
 REPO = PACKAGE_DIR.parents[1]
 # Subpackages of segserve that never run in a worker: the archive ships the rest, the worker modules.
 NOT_SHIPPED = ("tools", "client")
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
-STATE_FILE, SCRIPT_FILE = "weights.safetensors", "model.torchscript.pt"
 
 
 class BuildError(RuntimeError):
     pass
 
 
+# -- TorchServe's keys in model-config.yaml ---------------------------------------------------------------
+def _whole(minimum: int) -> Callable[[Any, str], Any]:
+    return lambda value, where: whole_number(value, where, minimum)
+
+
+def _lowercase_choice(allowed: tuple[str, ...]) -> Callable[[Any, str], Any]:
+    # TorchServe compares these lower-cased.
+    return lambda value, where: choice(value.lower() if isinstance(value, str) else value, allowed, where)
+
+
+def _mapping(value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _whole_numbers(value: Any, where: str) -> Any:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of whole numbers (GPU ids), got {value!r}")
+    for index, item in enumerate(value):
+        whole_number(item, f"{where}[{index}]", 0)
+    return value
+
+
+# The top-level keys TorchServe 0.12 reads from model-config.yaml, as its frontend's
+# org.pytorch.serve.archive.model.ModelConfig.build switches on them, with the type it accepts: it logs a
+# warning and ignores a value of another type, and ignores an unknown key (a typo) without a word.
+TORCHSERVE_MODEL_KEYS: dict[str, Callable[[Any, str], Any]] = {
+    "minWorkers": _whole(0),
+    "maxWorkers": _whole(0),
+    "batchSize": _whole(1),
+    "maxBatchDelay": _whole(0),
+    "responseTimeout": _whole(1),
+    "startupTimeout": _whole(1),
+    "deviceType": _lowercase_choice(("cpu", "gpu")),
+    "parallelType": _lowercase_choice(("pp", "tp", "pptp", "custom")),
+    "parallelLevel": _whole(0),
+    "deviceIds": _whole_numbers,
+    "torchrun": _mapping,
+    "maxRetryTimeoutInSec": _whole(1),
+    "clientTimeoutInMills": _whole(1),
+    "jobQueueSize": _whole(1),
+    "useJobTicket": boolean,
+    "sequenceMaxIdleMSec": _whole(1),
+    "sequenceTimeoutMSec": _whole(1),
+    "maxSequenceJobQueueSize": _whole(1),
+    "maxNumSequence": _whole(1),
+    "continuousBatching": boolean,
+    "sequenceBatching": boolean,
+    "asyncCommunication": boolean,
+    "useVenv": boolean,
+}
+
+
+def check_torchserve_keys(doc: dict) -> None:
+    """Refuse a top-level key of model-config.yaml that TorchServe would silently ignore: unknown (with the
+    closest valid key) or of a type TorchServe does not take. `handler:` is segserve's (ServingConfig)."""
+    check_keys(doc, [*TORCHSERVE_MODEL_KEYS, "handler"], what="a TorchServe 0.12 model setting")
+    for key, check in TORCHSERVE_MODEL_KEYS.items():
+        if key in doc:
+            check(doc[key], key)
+
+
 # -- weights ------------------------------------------------------------------------------------
-def is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A plain state_dict from .safetensors or .pt/.pth, unwrapped ({"state_dict": ...}) and without
     DataParallel's `module.` prefixes."""
@@ -97,11 +154,15 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
 
 
 def check_output(model: torch.nn.Module, config: ServingConfig) -> None:
+    """One forward pass of the adapted model (families.adapt, as the worker runs it) on a zero image:
+    raise BuildError unless it gives (N, num_classes, H, W) logits."""
     height, width = config.input_size
-    with torch.inference_mode():
-        output = model.eval()(torch.zeros(1, 3, height, width))
-    if isinstance(output, dict):  # torchvision: {"out": ..., "aux": ...}
-        output = output["out"]
+    try:
+        with torch.inference_mode():
+            output = model.eval()(torch.zeros(1, 3, height, width))
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run is a build error, said plainly
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise BuildError(f"the model's forward pass failed on a (1, 3, {height}, {width}) input: {first}") from None
     if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[1] != config.num_classes:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise BuildError(f"the model outputs {shape} but {config.num_classes} classes are configured "
@@ -110,15 +171,29 @@ def check_output(model: torch.nn.Module, config: ServingConfig) -> None:
 
 def check_model(config: ServingConfig, weights: Path) -> None:
     """Strict load plus one forward pass of a state_dict file; raise BuildError if it does not fit."""
+    check_state(config, read_state_dict(weights))
+
+
+def check_state(config: ServingConfig, state: dict[str, torch.Tensor]) -> None:
+    """Build the configured architecture, load `state` strictly and run the adapted model once."""
     model = build_model(config.arch, config.num_classes, **config.arch_params)
-    state = read_state_dict(weights)
     check_fit(model, state, f"architecture {config.arch!r} with {config.num_classes} classes")
     model.load_state_dict(state, strict=True)
+    check_output(families.adapt(config.arch, model), config)
+
+
+def check_model_file(config: ServingConfig, weights: Path) -> None:
+    """Load a weights file that is the model itself (TorchScript) as the worker does, plus one forward pass."""
+    family = families.family_of(config.arch)
+    try:
+        model = families.load_model(config, weights, "cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"cannot load {family.name} file {weights}: {str(exc).splitlines()[0]}") from None
     check_output(model, config)
 
 
 # -- classes and config --------------------------------------------------------------------------
-def parse_classes(value: str) -> list:
+def read_class_list(value: str) -> list:
     """--classes: a .json/.yaml/.txt file, or comma-separated names."""
     path = Path(value)
     if path.is_file():
@@ -140,6 +215,10 @@ def make_config(base: Path, **overrides: Any) -> dict:
     if not base.is_file():
         raise BuildError(f"model config not found: {base}")
     doc = yaml.safe_load(base.read_text()) or {}
+    try:
+        check_torchserve_keys(doc)
+    except ConfigError as exc:
+        raise BuildError(f"{base}: {exc}") from None
     section = copy.deepcopy(doc.get("handler") or {})
     model = section.setdefault("model", {})
     inp = section.setdefault("input", {})
@@ -171,34 +250,35 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     handler = handler or REPO / "handler" / "segmenter_handler.py"
     if not handler.is_file():
         raise BuildError(f"handler not found: {handler}")
-    scripted = arch == "torchscript" or (arch is None and is_torchscript(weights))
-    if model_file is not None:
+    if model_file is not None:  # the custom family's flags
         if not Path(model_file).is_file():
             raise BuildError(f"model file not found: {model_file}")
         if not model_class:
             raise BuildError("--model-file needs --model-class, the nn.Module subclass to build")
         arch = "custom"
         arch_params = {"module": Path(model_file).stem, "class": model_class, "kwargs": model_args or {}}
-    elif scripted:
-        arch, arch_params = "torchscript", {}
+    elif arch is None and (detected := families.detect(weights)) is not None:
+        arch = detected.archs[0]
     base = ServingConfig.from_yaml(config_path)
-    if (arch in TORCHVISION_ARCHS or arch == "custom") and arch != base.arch and classes is None:
-        raise BuildError(f"--classes is needed with --arch {arch}: the default classes belong to the default "
-                         "model (give names, e.g. --classes background,road,car, or a .json/.txt file)")
+    family = families.family_of(arch or base.arch)
+    state = read_state_dict(weights) if family.state_dict else None
+    if not family.state_dict:
+        arch_params = {}
     tiling = None
-    if arch in TORCHVISION_ARCHS:
-        input_size = input_size or [520, 520]
-        mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
-        # Photo models learn whole scenes resized to ~520 px: cutting a 1-12 Mpx photo into 520 px windows
-        # would show them fragments (and cost 5-40 forwards). tile=auto never tiles them; tile=on still can.
-        tiling = {"auto_above_pixels": base.limits.max_pixels}
-    if arch in TORCHVISION_ARCHS and arch_params is None:
-        # A checkpoint trained with aux_loss=True carries the auxiliary head: build it to match.
-        probe = read_state_dict(weights)
-        arch_params = {"aux_loss": any(k.startswith("aux_classifier.") for k in probe)}
+    if arch is not None:  # chosen at build time: the family's defaults, unless told otherwise
+        defaults = family.build_defaults
+        if defaults.needs_classes and arch != base.arch and classes is None:
+            raise BuildError(f"--classes is needed with --arch {arch}: the default classes belong to the default "
+                             "model (give names, e.g. --classes background,road,car, or a .json/.txt file)")
+        input_size = input_size or _listed(defaults.input_size)
+        mean, std = mean or _listed(defaults.mean), std or _listed(defaults.std)
+        if defaults.whole_image:
+            tiling = {"auto_above_pixels": base.limits.max_pixels}
+        if defaults.params_from_state is not None and arch_params is None:
+            arch_params = defaults.params_from_state(state)
     doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
-                      weights=SCRIPT_FILE if scripted else STATE_FILE, classes=classes, size=input_size,
-                      mean=mean, std=std, tiling=tiling)
+                      weights=family.weights_file, classes=classes, size=input_size, mean=mean, std=std,
+                      tiling=tiling)
     try:
         config = ServingConfig.from_dict(doc["handler"])
     except ConfigError as exc:
@@ -212,22 +292,13 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
         if model_file is not None:
             shutil.copy2(model_file, stage / Path(model_file).name)
         with _importable(stage, Path(model_file).stem if model_file else None):
-            if scripted:
-                try:
-                    model = torch.jit.load(str(weights), map_location="cpu")
-                except Exception as exc:  # noqa: BLE001
-                    raise BuildError(f"cannot load TorchScript file {weights}: {str(exc).splitlines()[0]}") from None
-                check_output(model, config)
-                shutil.copy2(weights, stage / SCRIPT_FILE)
+            if state is None:  # the weights file is the model: checked as the worker loads it, shipped as given
+                check_model_file(config, weights)
+                shutil.copy2(weights, stage / config.weights)
             else:
-                model = build_model(config.arch, config.num_classes, **config.arch_params)
-                state = read_state_dict(weights)
-                check_fit(model, state, f"architecture {config.arch!r} with {config.num_classes} classes")
-                model.load_state_dict(state, strict=True)
-                check_output(model, config)
+                check_state(config, state)
                 # Clones: safetensors refuses tensors that share memory (tied weights).
-                save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / STATE_FILE))
-        (stage / "index_to_name.json").write_text(json.dumps({str(c.id): c.name for c in config.classes}))
+                save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / config.weights))
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(doc, sort_keys=False))
         cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name,
@@ -240,6 +311,11 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
         target = export_path / f"{archive_name or name}.mar"
         shutil.move(str(Path(tmp) / "out" / f"{name}.mar"), target)
     return target
+
+
+def _listed(values: tuple | None) -> list | None:
+    """A family default as YAML writes it (a list), or None."""
+    return None if values is None else list(values)
 
 
 class _importable:
@@ -289,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default=None, help="model version (default: the config's, 1.0)")
     parser.add_argument("--archive-name", default=None, help="file name of the .mar without suffix (default: NAME)")
     parser.add_argument("--arch", default=None,
-                        help=f"architecture: unet (default), torchscript, or one of {', '.join(TORCHVISION_ARCHS)}")
+                        help=f"architecture (default: the config's, unet; a TorchScript file is detected): one of "
+                             f"{', '.join(families.architectures())} (custom: give --model-file)")
     parser.add_argument("--model-file", type=Path, default=None, help="your own architecture: a .py file")
     parser.add_argument("--model-class", default=None, help="the nn.Module class in --model-file")
     parser.add_argument("--model-args", type=json.loads, default=None,
@@ -297,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict (.pt/.pth, plain, {'state_dict': ...}/{'model': ...}, DataParallel "
                              "'module.' prefixes) or .safetensors, or a TorchScript file (default: model/'s)")
-    parser.add_argument("--classes", type=parse_classes, default=None,
+    parser.add_argument("--classes", type=read_class_list, default=None,
                         help="class names, comma-separated, or a .json/.yaml/.txt file (names or {name, color})")
     parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
     parser.add_argument("--mean", type=_floats, default=None, help="normalization mean, R,G,B in 0..1")

@@ -1,0 +1,135 @@
+"""The REST API's response formats: one registry entry per format, read by every part of the request path.
+
+An entry says all the request path needs to know about its format: the name a request asks for
+(`format=...`, or the URL path's last part), the content type of the answer, the `Accept` media types
+that select it, what its encoder needs (the decoded image to draw on? class probabilities instead of a
+mask?), the encoder, and an estimate of the answer's size in bytes from the image's width, height and
+the number of classes asked for, made before any pixel is decoded.
+
+Only `probs` is refused up front (413) when its estimate is over `limits.max_response_bytes` (`capped`);
+the other estimates are upper bounds for noise-like masks, not yet enforced.
+
+Adding a format is one entry here, and its tests. The Open Inference Protocol v2 is a protocol with
+its own two output kinds (segserve.v2), not a format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from . import encoders
+from .config import Limits, ServingConfig
+from .errors import PayloadTooLarge
+
+if TYPE_CHECKING:
+    from .options import Options
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """What an encoder gets for one request."""
+
+    output: np.ndarray  # uint8 class-index mask (H, W); float16 probabilities (classes, H, W) if needs_probs
+    options: Options
+    config: ServingConfig
+    image: Image.Image | None = None  # the decoded RGB image at its own size, if needs_image
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    content_type: str
+    accept: tuple[str, ...]  # Accept media types that select this format (each claimed by one format)
+    encode: Callable[[EncoderInput], bytes]
+    estimate: Callable[[int, int, int], int]  # (width, height, classes asked for) -> answer bytes
+    needs_image: bool = False  # the encoder draws on the decoded image (which is then never reduced)
+    needs_probs: bool = False  # the encoder takes class probabilities, not a mask
+    capped: bool = False  # refused with 413 up front when the estimate is over limits.max_response_bytes
+    too_large_hint: str = "send a smaller image"  # how to get under the cap
+
+
+def _png_bytes(width: int, height: int) -> int:
+    """An indexed PNG: a filter byte per row, deflate's worst case (5 bytes per 16 KiB over raw), palette, chunks."""
+    raw = height * (width + 1)
+    return raw + 5 * (raw // 16_384 + 1) + 1024
+
+
+def _summary_bytes(classes: int) -> int:
+    """The JSON head and per-class entries (id, name, pixels, fraction, bbox) around the mask."""
+    return 512 + 256 * classes
+
+
+def _json(job: EncoderInput) -> bytes:
+    return encoders.json_response(job.output, job.config, job.options.classes)
+
+
+def _png(job: EncoderInput) -> bytes:
+    return encoders.mask_to_png(encoders.keep_classes(job.output, job.options.classes), job.config.palette)
+
+
+def _rle(job: EncoderInput) -> bytes:
+    return encoders.rle_response(job.output, job.config, job.options.classes, job.options.min_area)
+
+
+def _polygons(job: EncoderInput) -> bytes:
+    return encoders.polygons_response(job.output, job.config, job.options.classes, job.options.min_area)
+
+
+def _overlay(job: EncoderInput) -> bytes:
+    return encoders.overlay_jpeg(job.image, encoders.keep_classes(job.output, job.options.classes), job.config)
+
+
+def _probs(job: EncoderInput) -> bytes:
+    return encoders.probs_npy(job.output)
+
+
+REGISTRY: dict[str, Format] = {f.name: f for f in (
+    Format("json", "application/json", ("application/json",), _json,
+           # the mask PNG in base64 (4 bytes per 3)
+           lambda w, h, k: _summary_bytes(k) + 4 * (_png_bytes(w, h) // 3 + 1)),
+    Format("png", "image/png", ("image/png",), _png, lambda w, h, _: _png_bytes(w, h)),
+    Format("rle", "application/json", (), _rle,
+           # COCO's compressed counts: at most one run per pixel, one or two characters per short run
+           lambda w, h, k: _summary_bytes(k) + k * (2 * w * h + 64)),
+    Format("polygons", "application/json", (), _polygons,
+           # at most a closed ring of two "[x,y]," points per pixel of a class, plus the ring's brackets
+           lambda w, h, k: _summary_bytes(k) + k * w * h * (2 * (2 * len(str(max(w, h))) + 4) + 8)),
+    Format("overlay", "image/jpeg", ("image/jpeg",), _overlay,
+           # JPEG at quality 90 stays under the raw RGB even for noise; the tables and legend on top
+           lambda w, h, _: 3 * w * h + 4096, needs_image=True),
+    Format("probs", "application/x-npy", ("application/x-npy",), _probs,
+           # float16 per class and pixel (the .npy header aside)
+           lambda w, h, k: k * w * h * 2, needs_probs=True, capped=True,
+           too_large_hint="ask for fewer classes (classes=...), send a smaller image, or use format=png"),
+)}
+DEFAULT = "json"
+
+
+def get(name: str) -> Format:
+    return REGISTRY[name]
+
+
+def for_accept(accept: str) -> Format | None:
+    """The format an Accept header selects: the first of its media types that a format claims (q ignored)."""
+    for media_range in accept.split(","):
+        media = media_range.split(";")[0].strip().lower()
+        for entry in REGISTRY.values():
+            if media in entry.accept:
+                return entry
+    return None
+
+
+def check_size(entry: Format, width: int, height: int, classes: int, limits: Limits) -> None:
+    """Refuse (413) before any work an answer of a capped format that would be over max_response_bytes."""
+    if not entry.capped:
+        return
+    size = entry.estimate(width, height, classes)
+    limit = limits.max_response_bytes
+    if size > limit:
+        raise PayloadTooLarge(f"format={entry.name} for this {width}x{height} image would be {size} bytes; the limit "
+                              f"is {limit} (max_response_bytes): {entry.too_large_hint}")
