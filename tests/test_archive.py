@@ -11,12 +11,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import MODEL, REPO
+
+from segserve.config import ServingConfig
 
 WORKER_MODULES = sorted(path.stem for path in (REPO / "src" / "segserve").glob("*.py"))
 HANDLER = "segmenter_handler"
-# Besides the modules: the weights, the handler's config (model-config.yaml), the class names and the manifest.
-DATA = {"weights.safetensors", "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json"}
+# Besides the modules: the handler's config and the manifest, and the weights that config names.
+DATA = {"model-config.yaml", "MAR-INF/MANIFEST.json"}
 # What a worker never needs: the client's HTTP and progress-bar dependencies and the non-worker subpackages.
 BLOCKED = ("requests", "tqdm", "segserve.tools", "segserve.client")
 
@@ -64,11 +67,12 @@ def unpacked(model_store, tmp_path_factory) -> Path:
 def test_archive_holds_exactly_the_worker(model_store):
     with zipfile.ZipFile(model_store / f"{MODEL}.mar") as archive:
         names = {name for name in archive.namelist() if not name.endswith("/")}
+        weights = ServingConfig.from_dict(yaml.safe_load(archive.read("model-config.yaml"))["handler"]).weights
     modules = {name for name in names if name.endswith(".py")}
     expected = {f"{HANDLER}.py"} | {f"segserve/{name}.py" for name in WORKER_MODULES}
     assert sorted(modules - expected) == [], "shipped but no worker module (tools/ or client/?)"
     assert sorted(expected - modules) == [], "a worker module is missing from the archive"
-    assert names - modules == DATA
+    assert names - modules == DATA | {weights}
 
 
 def import_all(root: Path, modules: list[str]) -> subprocess.CompletedProcess:
