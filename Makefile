@@ -90,10 +90,11 @@ fixup: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format src handler tests model scripts bench
 
-# The storage layout KServe's TorchServe runtime reads from the InferenceService's storageUri.
+# The storage layout KServe's TorchServe runtime reads from the InferenceService's storageUri; its config is
+# config.properties with KServe's overrides (src/segserve/tools/torchserve_config.py).
 # KSERVE_WORKERS=N: workers per replica (default: the archive's minWorkers/maxWorkers).
-kserve-layout: $(MAR)
-	$(PY) -m segserve.tools.deploy kserve-layout --out kserve --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
+kserve-layout: $(MAR) config.properties
+	$(PY) -m segserve.tools.deploy kserve-layout --out kserve --config config.properties --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
 
 clean:
 	rm -rf model-store run kserve .pytest_cache

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Container entrypoint: turn SEGSERVE_* environment variables into a TorchServe command line and exec it.
+"""Container entrypoint: turn SEGSERVE_* environment variables into TorchServe settings and exec TorchServe.
 
-Needs only the segserve package (installed in the image), so it runs and is tested outside a container too.
+The settings are SEGSERVE_CONFIG (the image's config.properties) with the overrides the variables ask for
+(segserve.tools.torchserve_config.container), written to SEGSERVE_WORKDIR/config.properties. Needs only
+the installed segserve package (`server` extra), so it runs and is tested outside a container too.
 
     entrypoint.py                        serve the model store with settings from the environment
     entrypoint.py torchserve --start ... run that TorchServe command (what KServe's runtime passes),
@@ -18,7 +20,7 @@ Environment (defaults in brackets):
     SEGSERVE_WORKERS          [from the archive's model-config.yaml]  workers per model at start
     SEGSERVE_TOKEN_AUTH       [true]  "false" turns TorchServe's token auth off (private networks only)
     SEGSERVE_WORKDIR          [current directory]  where key_file.json and logs/ are written
-Any TS_<KEY> variable overrides <key> of config.properties directly (enable_envvars_config).
+Any TS_<KEY> variable overrides <key> of the written config.properties (enable_envvars_config).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from segserve.tools.deploy import model_snapshot
+from segserve.tools import torchserve_config
 
 DEFAULTS = {
     "SEGSERVE_MODEL_STORE": "/home/model-server/model-store",
@@ -90,38 +92,28 @@ def torchserve() -> str:
     return str(here) if here.is_file() else (shutil.which("torchserve") or "torchserve")
 
 
-def serve_command(env: dict[str, str], workdir: Path) -> tuple[list[str], dict[str, str]]:
-    """The TorchServe command line and environment for serving from SEGSERVE_* settings."""
+def serve_command(env: dict[str, str], workdir: Path) -> list[str]:
+    """The TorchServe command line for serving from SEGSERVE_* settings; writes workdir/config.properties."""
     store = Path(setting(env, "SEGSERVE_MODEL_STORE"))
     config = Path(setting(env, "SEGSERVE_CONFIG"))
     if not config.is_file():
         raise ConfigError(f"SEGSERVE_CONFIG {config} not found: mount a config.properties there")
-    models = archives(store, setting(env, "SEGSERVE_MODELS"))
-    bind = setting(env, "SEGSERVE_BIND")
-    ts_env = {
-        # config.properties has enable_envvars_config=true: TS_<KEY> overrides <key>.
-        "TS_INFERENCE_ADDRESS": f"http://{bind}:{port(env, 'SEGSERVE_INFERENCE_PORT')}",
-        "TS_MANAGEMENT_ADDRESS": f"http://{bind}:{port(env, 'SEGSERVE_MANAGEMENT_PORT')}",
-        "TS_METRICS_ADDRESS": f"http://{bind}:{port(env, 'SEGSERVE_METRICS_PORT')}",
-        "TS_GRPC_INFERENCE_PORT": port(env, "SEGSERVE_GRPC_INFERENCE_PORT"),
-        "TS_GRPC_MANAGEMENT_PORT": port(env, "SEGSERVE_GRPC_MANAGEMENT_PORT"),
-        "TS_MODEL_STORE": str(store),
-    }
+    effective = workdir / "config.properties"
+    if effective.resolve() == config.resolve():
+        raise ConfigError(f"SEGSERVE_WORKDIR {workdir} holds SEGSERVE_CONFIG {config}: the entrypoint writes its "
+                          "own config.properties there; pick another folder for either")
     workers = setting(env, "SEGSERVE_WORKERS")
-    if workers:
-        if not workers.isdigit() or int(workers) < 1:
-            raise ConfigError(f"SEGSERVE_WORKERS must be a whole number >= 1, got {workers!r}")
-        # model_snapshot has no TS_ environment variable: write the config with it into the workdir.
-        effective = workdir / "config.properties"
-        text = config.read_text()
-        effective.write_text(text + ("" if text.endswith("\n") else "\n")
-                             + f"model_snapshot={model_snapshot(models, int(workers))}\n")
-        config = effective
-    cmd = [torchserve(), "--foreground", "--ncs", "--model-store", str(store), "--ts-config", str(config),
-           "--models", *(f"{name}={path.name}" for name, path in models.items())]
-    if not flag(env, "SEGSERVE_TOKEN_AUTH"):
-        cmd.append("--disable-token-auth")
-    return cmd, ts_env
+    if workers and (not workers.isdigit() or int(workers) < 1):
+        raise ConfigError(f"SEGSERVE_WORKERS must be a whole number >= 1, got {workers!r}")
+    ports = {name: port(env, f"SEGSERVE_{name.upper()}_PORT")
+             for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+    settings = torchserve_config.container(config, bind=setting(env, "SEGSERVE_BIND"), ports=ports,
+                                           model_store=store, models=archives(store, setting(env, "SEGSERVE_MODELS")),
+                                           workers=int(workers) if workers else None,
+                                           token_auth=flag(env, "SEGSERVE_TOKEN_AUTH"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings.write(effective)
+    return [torchserve(), "--foreground", "--ncs", "--ts-config", str(effective)]  # the store: its model_store
 
 
 def passthrough_command(args: list[str]) -> list[str]:
@@ -135,16 +127,13 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     workdir = Path(setting(env, "SEGSERVE_WORKDIR") or os.getcwd())
     try:
-        if argv:
-            cmd, extra = passthrough_command(argv), {}
-        else:
-            cmd, extra = serve_command(env, workdir)
+        cmd = passthrough_command(argv) if argv else serve_command(env, workdir)
     except (ConfigError, OSError) as exc:
         print(f"segserve entrypoint: {exc}", file=sys.stderr)
         return 2
     os.chdir(workdir)  # TorchServe writes key_file.json and logs/ into its working directory
     print("segserve entrypoint: " + " ".join(cmd), file=sys.stderr, flush=True)
-    os.execvpe(cmd[0], cmd, {**env, **extra})
+    os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
 

@@ -233,6 +233,15 @@ def test_predict_many_keeps_order_and_puts_each_failure_in_its_slot(no_env, tmp_
         1, 2, "invalid_image", "unreadable_file", 3]
 
 
+def test_predict_many_stops_sending_once_the_server_refuses_an_option(no_env):
+    refusal = {"code": 400, "type": "invalid_option", "message": "format='gif' is not supported; use one of: png"}
+    session = FakeSession(response(400, refusal))
+    results = SegservClient(token="t", session=session).predict_many([b"img"] * 6, workers=2, progress=False,
+                                                                     format="gif")
+    assert len(session.calls) == 2  # the two in flight; the other four would be refused the same way
+    assert [(r.status, r.type, r.message) for r in results] == [(400, "invalid_option", refusal["message"])] * 6
+
+
 def test_health_needs_ping_and_a_ready_worker(no_env):
     ping = response(200, {"status": "Healthy"})
     described = response(200, [{"modelName": "segmenter", "workers": [{"id": "9000", "status": "UNLOADING"}]}])
@@ -251,7 +260,8 @@ def test_health_needs_ping_and_a_ready_worker(no_env):
 
 
 class Flaky(BaseHTTPRequestHandler):
-    """A real HTTP server: 503 for the first `failures` requests, then a 3x2 PNG; remembers the last request."""
+    """A real HTTP server: 503 for the first `failures` requests, then a 3x2 PNG; remembers the last request.
+    Like segserve, it refuses a format it lacks (its only one: png) with 400 invalid_option, naming its list."""
 
     failures = 2
     calls = 0
@@ -261,9 +271,13 @@ class Flaky(BaseHTTPRequestHandler):
         type(self).calls += 1
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).last = {"path": self.path, "headers": dict(self.headers), "body": body}
+        asked = _form(type(self).last).get("format", (None, b"png"))[1]
         if type(self).calls <= type(self).failures:
             payload, status, ctype = b'{"code": 503, "type": "ServiceUnavailable", "message": "busy"}', 503, \
                 "application/json"
+        elif asked != b"png":
+            payload, status, ctype = json.dumps({"code": 400, "type": "invalid_option", "message": (
+                f"format={asked.decode()!r} is not supported; use one of: png")}).encode(), 400, "application/json"
         else:
             payload, status, ctype = png_bytes(3, 2), 200, "image/png"
         self.send_response(status)
@@ -316,7 +330,11 @@ def test_cli_writes_one_file_per_image_and_reports_usage_errors(no_env, flaky_se
     assert "2 of 2 segmented into masks/" in capsys.readouterr().out
     assert main(["predict", "nowhere.png", *args]) == 2
     assert "no such file or folder: nowhere.png" in capsys.readouterr().err
-    assert main(["predict", "x", "--format", "gif", *args]) == 2
+    calls = Flaky.calls
+    # The server's refusal of an option is a usage error (exit 2), with the server's list; nothing is written.
+    assert main(["predict", "x", "y", "--format", "gif", "--workers", "1", "--out", "gif", *args]) == 2
+    assert "segserve predict: format='gif' is not supported; use one of: png" in capsys.readouterr().err
+    assert Flaky.calls == calls + 1 and not (no_env / "gif").exists()
     assert main(["predict", "x", "--workers", "0", *args]) == 2
     assert main([]) == 2
 
@@ -388,3 +406,18 @@ def test_cli_end_to_end(server, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "InvalidKeyException" in err and "refused the inference token from the token argument" in err
     assert main(["health", "--url", server.inference_url, "--token", "wrong", "--retries", "0"]) == 1
+
+
+@pytest.mark.integration
+def test_cli_options_the_server_lacks_are_usage_errors_naming_its_choices(server, tmp_path, capsys):
+    image = scene_file(tmp_path, "img.png", 97, (40, 30))
+    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    assert main(["predict", str(image), "--format", "gif", "--out", str(tmp_path / "out"), *keys]) == 2
+    err = capsys.readouterr().err
+    assert "format='gif' is not supported; use one of: " in err and all(f in err for f in ("png", "rle", "json"))
+    assert main(["predict", str(image), "--tile", "sideways", "--out", str(tmp_path / "out"), *keys]) == 2
+    err = capsys.readouterr().err
+    assert "tile='sideways' is not supported; use one of: " in err and all(m in err for m in ("auto", "on", "off"))
+    assert main(["predict", str(image), "--classes", "unicorn", "--out", str(tmp_path / "out"), *keys]) == 2
+    assert "'unicorn' is not a class of this model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

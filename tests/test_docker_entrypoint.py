@@ -15,6 +15,7 @@ from support import MODEL, REPO, encode_image, random_image
 from v2_client import image_input, parse, request_body
 
 from segserve.tools.server import free_ports, java_environment, stop_process_group
+from segserve.tools.torchserve_config import read_properties
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.py"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
@@ -31,17 +32,27 @@ def test_settings_become_a_torchserve_command(model_store, tmp_path):
     entrypoint = load_entrypoint()
     env = {"SEGSERVE_MODEL_STORE": str(model_store), "SEGSERVE_CONFIG": str(REPO / "config.properties"),
            "SEGSERVE_INFERENCE_PORT": "9080", "SEGSERVE_WORKERS": "3", "SEGSERVE_TOKEN_AUTH": "false"}
-    cmd, ts_env = entrypoint.serve_command(env, tmp_path)
-    assert "--foreground" in cmd and "--disable-token-auth" in cmd
-    assert cmd[cmd.index("--models") + 1] == f"{MODEL}={MODEL}.mar"
+    cmd = entrypoint.serve_command(env, tmp_path)
+    assert "--foreground" in cmd
     assert cmd[cmd.index("--ts-config") + 1] == str(tmp_path / "config.properties")
-    assert ts_env["TS_INFERENCE_ADDRESS"] == "http://0.0.0.0:9080"
-    (line,) = [x for x in (tmp_path / "config.properties").read_text().splitlines() if x.startswith("model_snapshot=")]
-    assert json.loads(line.split("=", 1)[1])["models"][MODEL]["1.0"]["minWorkers"] == 3
+    properties = read_properties(tmp_path / "config.properties")
+    assert properties["load_models"] == f"{MODEL}={MODEL}.mar"
+    assert properties["model_store"] == str(model_store)
+    assert properties["inference_address"] == "http://0.0.0.0:9080"
+    assert properties["management_address"] == "http://0.0.0.0:8081"  # SEGSERVE_BIND: every API, in the container
+    assert properties["grpc_inference_port"] == "7070"
+    assert properties["disable_token_authorization"] == "true"  # SEGSERVE_TOKEN_AUTH=false
+    assert json.loads(properties["model_snapshot"])["models"][MODEL]["1.0"]["minWorkers"] == 3
+    entrypoint.serve_command({k: v for k, v in env.items() if k not in ("SEGSERVE_TOKEN_AUTH", "SEGSERVE_WORKERS")},
+                             tmp_path)
+    default = read_properties(tmp_path / "config.properties")
+    assert default["disable_token_authorization"] == "false" and "model_snapshot" not in default
     with pytest.raises(entrypoint.ConfigError, match="SEGSERVE_METRICS_PORT"):
         entrypoint.serve_command({**env, "SEGSERVE_METRICS_PORT": "http"}, tmp_path)
     with pytest.raises(entrypoint.ConfigError, match="no model archive"):
         entrypoint.serve_command({**env, "SEGSERVE_MODELS": "other.mar"}, tmp_path)
+    with pytest.raises(entrypoint.ConfigError, match="SEGSERVE_WORKDIR"):  # it would overwrite the source
+        entrypoint.serve_command({**env, "SEGSERVE_CONFIG": str(tmp_path / "config.properties")}, tmp_path)
 
 
 def test_kserve_runtime_args_stay_in_the_foreground():
@@ -59,7 +70,8 @@ def test_entrypoint_serves_with_env_settings_and_healthcheck_passes(tmp_path, mo
     workdir, tmp = tmp_path / "work", tmp_path / "tmp"
     workdir.mkdir()
     tmp.mkdir()
-    env = {**os.environ, **java_environment(), "TMPDIR": str(tmp), "TEMP": str(tmp),
+    # PYTHONPATH: this checkout's segserve, as the image installs it (the venv's may be another checkout's).
+    env = {**os.environ, **java_environment(), "TMPDIR": str(tmp), "TEMP": str(tmp), "PYTHONPATH": str(REPO / "src"),
            "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
            "SEGSERVE_MODEL_STORE": str(model_store), "SEGSERVE_CONFIG": str(REPO / "config.properties"),
            "SEGSERVE_BIND": "127.0.0.1", "SEGSERVE_WORKDIR": str(workdir), "SEGSERVE_WORKERS": "2",

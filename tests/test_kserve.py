@@ -23,6 +23,7 @@ from v2_client import image_input, mask_output, parse, request_body
 from segserve.tools.deploy import kserve_layout
 from segserve.tools.server import free_ports, java_environment
 from segserve.tools.synthetic import generate_scene
+from segserve.tools.torchserve_config import read_properties
 
 KSERVE = REPO / "deploy" / "kserve"
 SCHEMAS = {"InferenceService": "inferenceservice-v1beta1.json", "ServingRuntime": "servingruntime-v1alpha1.json"}
@@ -79,11 +80,10 @@ def test_inference_services_use_our_runtime_with_v2_and_limits():
 
 
 def test_layout_has_what_kserve_reads(tmp_path, model_store):
-    config = kserve_layout(tmp_path / "kserve", [model_store / f"{MODEL}.mar"], workers=2)
+    config = kserve_layout(tmp_path / "kserve", [model_store / f"{MODEL}.mar"], REPO / "config.properties", workers=2)
     assert config == tmp_path / "kserve" / "config" / "config.properties"
     assert (tmp_path / "kserve" / "model-store" / f"{MODEL}.mar").is_file()
-    properties = dict(line.split("=", 1) for line in config.read_text().splitlines()
-                      if line and not line.startswith("#"))
+    properties = read_properties(config)
     assert properties["inference_address"] == "http://0.0.0.0:8080"
     assert properties["management_address"].startswith("http://127.0.0.1:")
     assert properties["disable_token_authorization"] == "true"
@@ -96,15 +96,14 @@ def test_layout_has_what_kserve_reads(tmp_path, model_store):
 @pytest.mark.integration
 def test_torchserve_started_like_kserve_runtime_serves_v2_batches(tmp_path, model_store, reference):
     layout = tmp_path / "mnt" / "models"
-    config = kserve_layout(layout, [model_store / f"{MODEL}.mar"])
+    config = kserve_layout(layout, [model_store / f"{MODEL}.mar"], REPO / "config.properties")
     ports = free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management")
     # Only the addresses move (to free loopback ports, so tests can run side by side).
-    text = config.read_text()
-    for api in ("inference", "management", "metrics"):
-        text = re.sub(rf"^{api}_address=.*$", f"{api}_address=http://127.0.0.1:{ports[api]}", text, flags=re.M)
-    for api in ("inference", "management"):
-        text = re.sub(rf"^grpc_{api}_port=.*$", f"grpc_{api}_port={ports['grpc_' + api]}", text, flags=re.M)
-    config.write_text(text)
+    properties = read_properties(config)
+    properties.update({f"{api}_address": f"http://127.0.0.1:{ports[api]}" for api in ("inference", "management",
+                                                                                      "metrics")})
+    properties.update({f"grpc_{api}_port": str(ports[f"grpc_{api}"]) for api in ("inference", "management")})
+    config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
     workdir, tmp = tmp_path / "work", tmp_path / "tmp"
     workdir.mkdir()
     tmp.mkdir()

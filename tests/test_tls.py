@@ -74,10 +74,10 @@ def test_the_certificate_is_checked_and_plain_http_is_refused(tls_server):
 
 
 @pytest.mark.integration
-def test_segserve_client_and_curl_with_the_certificate(tls_server, tmp_path):
+def test_segserve_client_and_curl_with_the_certificate(tls_server):
     # requests (and so segserve's client and CLI) trust a CA file named by REQUESTS_CA_BUNDLE.
     env = dict(os.environ, REQUESTS_CA_BUNDLE=tls_server.verify, SEGSERVE_URL=tls_server.inference_url,
-               SEGSERVE_TOKEN=tls_server.keys()["inference"])
+               SEGSERVE_TOKEN=tls_server.keys()["inference"], PYTHONPATH=str(REPO / "src"))  # this checkout's client
     code = ("from segserve.client import SegservClient; from PIL import Image; "
             "print(SegservClient().predict(Image.new('RGB', (12, 9)), format='png').mask().shape)")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

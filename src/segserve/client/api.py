@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ MAX_DELAY = 30.0
 DEFAULT_KEY_FILES = (Path("run/key_file.json"), Path("key_file.json"))
 TOKEN_ENV = {"inference": "SEGSERVE_TOKEN", "management": "SEGSERVE_MANAGEMENT_TOKEN"}
 EXTENSIONS = {"application/json": ".json", "image/png": ".png", "image/jpeg": ".jpg", "application/x-npy": ".npy"}
+# Error types about the request's options, not its image (the server validates the options and names the
+# choices): every other image would be refused the same way, so predict_many stops sending.
+OPTION_ERRORS = ("invalid_option",)
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -230,7 +233,9 @@ class SegservClient:
         """Predict every image with `workers` requests in flight, in input order.
 
         A failure (server error, unreadable file) is returned in its own slot as a SegservError
-        instead of being raised, so one bad image does not cost the results of the others.
+        instead of being raised, so one bad image does not cost the results of the others. An option
+        the server refuses (OPTION_ERRORS) would be refused for every image: no further image is sent,
+        and the slots of those not sent hold that same error.
         """
         from tqdm import tqdm
 
@@ -238,11 +243,30 @@ class SegservClient:
         workers = max(1, min(workers, len(images) or 1))
         self._ensure_pool(workers)
         results: list[Prediction | SegservError | None] = [None] * len(images)
+        refused: SegservError | None = None
+        waiting = iter(enumerate(images))
+        in_flight: dict = {}
         with (ThreadPoolExecutor(workers) as pool,
               tqdm(total=len(images), desc="segmenting", unit="img", disable=not progress) as bar):
-            futures = {pool.submit(self._predict_or_error, image, options): i for i, image in enumerate(images)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
+
+            def send_next() -> None:
+                item = next(waiting, None)
+                if item is not None:
+                    in_flight[pool.submit(self._predict_or_error, item[1], options)] = item[0]
+
+            for _ in range(workers):  # then one more each time one comes back, so that a refusal stops the rest
+                send_next()
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result = results[in_flight.pop(future)] = future.result()
+                    bar.update()
+                    if refused is None and isinstance(result, SegservError) and result.type in OPTION_ERRORS:
+                        refused = result
+                    if refused is None:
+                        send_next()
+            for i, _ in waiting:  # not sent: refused like the others
+                results[i] = refused
                 bar.update()
         return results  # type: ignore[return-value]
 

@@ -13,8 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..options import FORMATS, TILE_MODES
-from .api import SegservClient, SegservError
+from .api import OPTION_ERRORS, SegservClient, SegservError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
@@ -81,6 +80,9 @@ def predict(args: argparse.Namespace) -> int:
     results = client.predict_many(images, workers=args.workers, progress=not args.no_progress,
                                   format=args.format, classes=args.classes, min_area=args.min_area,
                                   tile=args.tile)
+    refused = next((r for r in results if isinstance(r, SegservError) and r.type in OPTION_ERRORS), None)
+    if refused is not None:  # an option the server refuses: a usage error, whichever image it came back for
+        raise UsageError(refused.message)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -113,11 +115,15 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="segment images; one output file per image")
     p.add_argument("images", nargs="+", help="image files or folders (their images, sorted)")
-    p.add_argument("--format", default="png", choices=list(FORMATS), help="what to write per image (png)")
+    # The server validates --format, --classes and --tile and names the choices when refusing one
+    # (an exit 2, before the other images are sent): the client keeps no copy of its lists.
+    p.add_argument("--format", default="png",
+                   help="what to write per image (png); a format the server lacks is refused with its list")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids to return")
     p.add_argument("--min-area", type=int, default=None, help="drop regions smaller than this (rle, polygons)")
-    p.add_argument("--tile", default=None, choices=list(TILE_MODES),
-                   help="sliding windows at the image's own scale: auto (server default), on, off")
+    p.add_argument("--tile", default=None,
+                   help="sliding windows at the image's own scale (default: the server's, auto); "
+                        "a mode the server lacks is refused with its list")
     p.add_argument("--out", default="masks", help="output folder (default: ./masks)")
     p.add_argument("--workers", type=_positive, default=4, help="requests in flight (4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

