@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODEL, REPO
+from support import MODEL, REPO
 
 from segserve.config import ServingConfig
 

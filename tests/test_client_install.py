@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from PIL import Image
+from support import REPO
 
 from segserve.tools.synthetic import generate_scene
 

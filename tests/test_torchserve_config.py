@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import MODEL, REPO
+from support import MODEL, REPO
 from test_docker_entrypoint import load_entrypoint
 
 from segserve.tools import torchserve_config
