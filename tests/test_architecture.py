@@ -112,8 +112,6 @@ def test_imports_are_read_relative_absolute_and_inside_functions():
     assert {m.zone for m in modules.values()} == {"worker", "tools", "client"}
 
 
-@pytest.mark.xfail(strict=True, reason="client/cli.py imports segserve.options (a worker module, which needs "
-                   "PyYAML) until the torch-free client lands (#15, TSCONF); then remove this mark")
 def test_this_repository_keeps_the_boundary():
     result = check(REPO)
     assert result.returncode == 0, result.stderr
