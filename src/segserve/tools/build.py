@@ -15,6 +15,7 @@ import argparse
 import copy
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -305,7 +306,9 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
                "--version", config.version, "--handler", str(handler), "--extra-files", str(stage),
                "--config-file", str(config_file), "--export-path", str(Path(tmp) / "out"), "--force"]
         (Path(tmp) / "out").mkdir()
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # The archiver stages its files in $TMPDIR/<model name>: a temp dir of this build's own, so two builds
+        # of the same name at once (tests and the bench side by side) do not delete each other's files.
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         if result.returncode != 0:
             raise BuildError(f"torch-model-archiver failed:\n{result.stdout}{result.stderr}")
         target = export_path / f"{archive_name or name}.mar"
