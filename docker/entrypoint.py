@@ -49,8 +49,8 @@ DEFAULTS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+class EnvironmentSettingError(ValueError):
+    """A SEGSERVE_* variable is missing or malformed (model-config.yaml's errors are segserve.config.ConfigError)."""
 
 
 def setting(env: dict[str, str], name: str) -> str:
@@ -60,14 +60,14 @@ def setting(env: dict[str, str], name: str) -> str:
 def port(env: dict[str, str], name: str) -> str:
     value = setting(env, name)
     if not re.fullmatch(r"\d{1,5}", value) or not 0 < int(value) < 65536:
-        raise ConfigError(f"{name} must be a port number, got {value!r}")
+        raise EnvironmentSettingError(f"{name} must be a port number, got {value!r}")
     return value
 
 
 def flag(env: dict[str, str], name: str) -> bool:
     value = setting(env, name).lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise EnvironmentSettingError(f"{name} must be true or false, got {value!r}")
     return value in ("true", "1", "yes")
 
 
@@ -82,7 +82,7 @@ def archives(store: Path, models: str) -> dict[str, Path]:
             found[name or Path(file).stem] = store / file
     missing = [str(path) for path in found.values() if not path.is_file()]
     if not found or missing:
-        raise ConfigError(f"no model archive to serve in {store} (SEGSERVE_MODELS={models!r}"
+        raise EnvironmentSettingError(f"no model archive to serve in {store} (SEGSERVE_MODELS={models!r}"
                           + (f"; missing {', '.join(missing)}" if missing else "") + ")")
     return found
 
@@ -97,14 +97,14 @@ def serve_command(env: dict[str, str], workdir: Path) -> list[str]:
     store = Path(setting(env, "SEGSERVE_MODEL_STORE"))
     config = Path(setting(env, "SEGSERVE_CONFIG"))
     if not config.is_file():
-        raise ConfigError(f"SEGSERVE_CONFIG {config} not found: mount a config.properties there")
+        raise EnvironmentSettingError(f"SEGSERVE_CONFIG {config} not found: mount a config.properties there")
     effective = workdir / "config.properties"
     if effective.resolve() == config.resolve():
-        raise ConfigError(f"SEGSERVE_WORKDIR {workdir} holds SEGSERVE_CONFIG {config}: the entrypoint writes its "
-                          "own config.properties there; pick another folder for either")
+        raise EnvironmentSettingError(f"SEGSERVE_WORKDIR {workdir} holds SEGSERVE_CONFIG {config}: the entrypoint "
+                                      "writes its own config.properties there; pick another folder for either")
     workers = setting(env, "SEGSERVE_WORKERS")
     if workers and (not workers.isdigit() or int(workers) < 1):
-        raise ConfigError(f"SEGSERVE_WORKERS must be a whole number >= 1, got {workers!r}")
+        raise EnvironmentSettingError(f"SEGSERVE_WORKERS must be a whole number >= 1, got {workers!r}")
     ports = {name: port(env, f"SEGSERVE_{name.upper()}_PORT")
              for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
     settings = torchserve_config.container(config, bind=setting(env, "SEGSERVE_BIND"), ports=ports,
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
     workdir = Path(setting(env, "SEGSERVE_WORKDIR") or os.getcwd())
     try:
         cmd = passthrough_command(argv) if argv else serve_command(env, workdir)
-    except (ConfigError, OSError) as exc:
+    except (EnvironmentSettingError, OSError) as exc:
         print(f"segserve entrypoint: {exc}", file=sys.stderr)
         return 2
     os.chdir(workdir)  # TorchServe writes key_file.json and logs/ into its working directory

@@ -47,11 +47,11 @@ def test_settings_become_a_torchserve_command(model_store, tmp_path):
                              tmp_path)
     default = read_properties(tmp_path / "config.properties")
     assert default["disable_token_authorization"] == "false" and "model_snapshot" not in default
-    with pytest.raises(entrypoint.ConfigError, match="SEGSERVE_METRICS_PORT"):
+    with pytest.raises(entrypoint.EnvironmentSettingError, match="SEGSERVE_METRICS_PORT"):
         entrypoint.serve_command({**env, "SEGSERVE_METRICS_PORT": "http"}, tmp_path)
-    with pytest.raises(entrypoint.ConfigError, match="no model archive"):
+    with pytest.raises(entrypoint.EnvironmentSettingError, match="no model archive"):
         entrypoint.serve_command({**env, "SEGSERVE_MODELS": "other.mar"}, tmp_path)
-    with pytest.raises(entrypoint.ConfigError, match="SEGSERVE_WORKDIR"):  # it would overwrite the source
+    with pytest.raises(entrypoint.EnvironmentSettingError, match="SEGSERVE_WORKDIR"):  # it would overwrite the source
         entrypoint.serve_command({**env, "SEGSERVE_CONFIG": str(tmp_path / "config.properties")}, tmp_path)
 
 
