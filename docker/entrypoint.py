@@ -83,7 +83,7 @@ def archives(store: Path, models: str) -> dict[str, Path]:
     missing = [str(path) for path in found.values() if not path.is_file()]
     if not found or missing:
         raise EnvironmentSettingError(f"no model archive to serve in {store} (SEGSERVE_MODELS={models!r}"
-                          + (f"; missing {', '.join(missing)}" if missing else "") + ")")
+                                      + (f"; missing {', '.join(missing)}" if missing else "") + ")")
     return found
 
 
