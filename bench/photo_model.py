@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from bench.photos import photo_and_labels
-from segserve.tools.build import IMAGENET_MEAN, IMAGENET_STD  # what the archives normalize with
+from segserve.families import IMAGENET_MEAN, IMAGENET_STD  # what the archives normalize with
 from segserve.transforms import to_model_input
 
 FIT_SIZE = (195, 260)  # (height, width): small enough to fit in seconds on 2 cores

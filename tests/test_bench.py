@@ -36,8 +36,7 @@ def test_the_photo_model_segments_a_few_classes_like_a_trained_one():
     import torch
 
     from bench.photo_model import fit_photo_model
-    from segserve.families import build_model
-    from segserve.tools.build import IMAGENET_MEAN, IMAGENET_STD
+    from segserve.families import IMAGENET_MEAN, IMAGENET_STD, build_model
     from segserve.transforms import logits_to_mask, to_model_input
 
     torch.manual_seed(0)

@@ -18,8 +18,6 @@ from . import formats
 from .config import ServingConfig
 from .errors import InvalidOption
 
-# The format names (formats.REGISTRY), for the CLI's --format choices.
-FORMATS = tuple(formats.REGISTRY)
 OPTION_NAMES = ("format", "classes", "min_area", "tile")
 # Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
 TILE_MODES = ("auto", "on", "off")

@@ -31,9 +31,8 @@ from safetensors.torch import save_file
 
 from .. import families
 from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, whole_number
-from ..families import IMAGENET_MEAN, IMAGENET_STD, build_model, load_state_dict  # noqa: F401
+from ..families import build_model, load_state_dict
 
-# IMAGENET_MEAN/STD are read from here by bench: what the photo-model archives normalize with.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # segserve/
 REPO = PACKAGE_DIR.parents[1]
 # Subpackages of segserve that never run in a worker: the archive ships the rest, the worker modules.
