@@ -7,6 +7,7 @@ inference to postprocess and sets each request's status, content type and header
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from ts.torch_handler.base_handler import BaseHandler
@@ -30,8 +31,8 @@ class SegmenterHandler(BaseHandler):
         self.segmenter = Segmenter.from_model_dir(properties["model_dir"], config=config, device=self.device)
         if context.metrics is not None:  # served on the metrics port (segserve.metrics)
             self.segmenter.metrics = Metrics(torchserve_sink(context.metrics))
-        logger.info("segserve: %s %s (%s, %d classes) ready on %s", config.name, config.version, config.arch,
-                    config.num_classes, self.device)
+        logger.info("segserve: %s %s (%s, %s head, %d classes) ready on %s", config.name, config.version,
+                    config.arch, config.head, config.num_classes, self.device)
         self.initialized = True
 
     def preprocess(self, data):
@@ -58,6 +59,8 @@ class SegmenterHandler(BaseHandler):
             "model": config.name,
             "version": config.version,
             **families.describe(config),  # family, arch and what the family adds (e.g. arch_params)
+            "head": config.head,
+            "postprocess": dataclasses.asdict(config.postprocess),  # the defaults a request's options override
             "input_size": list(config.input_size),
             "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
         }

@@ -13,7 +13,8 @@ from support.handlers import ask as ask_handler
 from support.handlers import model_yaml
 
 from segserve import formats
-from segserve.encoders import polygons, remove_small_regions
+from segserve.encoders import polygons
+from segserve.masks import remove_small_regions
 from segserve.options import Options
 from segserve.tools.inprocess import load_handler
 from segserve.tools.scoring import binary_iou
@@ -177,7 +178,7 @@ def test_the_probs_estimate_is_its_data_and_only_probs_is_capped(config):
 
 def test_a_new_format_is_one_registry_entry(handler, monkeypatch):
     def counts(job):
-        return ",".join(str(int((job.output == c.id).sum())) for c in job.config.classes).encode()
+        return ",".join(str(int(job.output.binary(c.id).sum())) for c in job.config.classes).encode()
 
     entry = formats.Format("counts", "text/csv", ("text/csv",), counts, lambda w, h, k: 4 * k * len(str(w * h)))
     monkeypatch.setitem(formats.REGISTRY, "counts", entry)

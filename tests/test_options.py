@@ -36,13 +36,13 @@ def test_tile_from_form_or_json(config):
 
 def test_classes_by_name_or_id_and_min_area(config):
     options = parse({"data": b"x", "classes": b"nucleus,1", "min_area": b"25"}, config=config)
-    assert options.classes == (1, 2) and options.min_area == 25
+    assert options.classes == (1, 2) and options.post.min_area == 25
     assert parse({"body": {"image": "", "classes": ["cell"]}}, config=config).classes == (1,)
 
 
 @pytest.mark.parametrize("inputs, words", [
     ({"data": b"x", "format": b"gif"}, ["format", "json", "polygons"]),
-    ({"data": b"x", "colour": b"red"}, ["'colour'", "format, classes, min_area, tile"]),
+    ({"data": b"x", "colour": b"red"}, ["'colour'", "format, classes, tile, threshold, smooth, smooth_method"]),
     ({"data": b"x", "classes": b"mitochondria"}, ["mitochondria", "2=nucleus"]),
     ({"data": b"x", "min_area": b"-3"}, ["min_area", ">= 0"]),
     ({"data": b"x", "min_area": b"big"}, ["min_area"]),

@@ -107,7 +107,7 @@ def test_wrong_class_count_from_a_model_file_is_caught_by_the_forward_pass(tmp_p
                  "--model-args", '{"num_classes": 2}', "--weights", str(weights), "--classes", "a,b,c",
                  "--export-path", str(tmp_path / "store")])
     assert code == 2
-    assert "outputs (1, 2," in capsys.readouterr().err
+    assert "the model outputs 2 channel(s) but 3 classes are configured (a, b, c)" in capsys.readouterr().err
 
 
 def test_torchscript_weights(tmp_path):

@@ -100,9 +100,9 @@ def test_all_bad_batch_runs_no_forward(argmax):
 
 
 def test_unexpected_failure_is_a_500_for_that_request_only(argmax, monkeypatch):
-    import segserve.pipeline as pipeline
+    import segserve.heads as heads
 
-    original = pipeline.logits_to_mask
+    original = heads.logits_to_mask
     calls = {"n": 0}
 
     def flaky(logits, height, width):
@@ -111,7 +111,7 @@ def test_unexpected_failure_is_a_500_for_that_request_only(argmax, monkeypatch):
             raise RuntimeError("boom at /secret/path")
         return original(logits, height, width)
 
-    monkeypatch.setattr(pipeline, "logits_to_mask", flaky)
+    monkeypatch.setattr(heads, "logits_to_mask", flaky)
     replies = handle(argmax, [png_request(random_image(8, 8)), png_request(random_image(9, 9))])
     assert [r.status for r in replies] == [500, 200]
     assert replies[0].phrase == "Internal Server Error"
@@ -132,7 +132,8 @@ def test_an_unexpected_failure_while_encoding_is_a_500_for_that_request_only(arg
 def test_describe_answers_the_model_card_keys(argmax, config):
     (reply,) = handle(argmax, [Request({"body": b""}, {"describe": "True"})])
     card = json.loads(reply.body)
-    assert set(card) == {"model", "version", "family", "arch", "file", "input_size", "classes"}
+    assert set(card) == {"model", "version", "family", "arch", "file", "head", "postprocess", "input_size", "classes"}
+    assert card["head"] == "softmax" and card["postprocess"]["threshold"] is None
     assert card["input_size"] == list(config.input_size) and card["arch"] == "torchscript"
     assert card["family"] == "torchscript" and card["file"] == "model.pt"  # the stand-in's weights file
 

@@ -53,16 +53,34 @@ class Tiling:
     batch: int = 4
 
 
+@dataclass(frozen=True)
+class PostProcessDefaults:
+    """The `handler.postprocess:` section: what a request gets unless it sets the option itself."""
+
+    # Sigmoid heads: the probability cut (None = 0.5). Softmax: pixels whose top probability is below it
+    # become `ignore_label` (None = plain argmax).
+    threshold: float | None = None
+    smooth: int = 0  # radius in pixels
+    smooth_method: str = "median"  # median, open or close (segserve.masks)
+    fill_holes: bool = False
+    min_area: int = 0
+    ignore_label: int = 0  # the class id (0..255) a softmax pixel under the threshold becomes
+
+
+HEADS = ("softmax", "binary", "multilabel")  # segserve.heads
+SMOOTH_METHODS = ("median", "open", "close")  # segserve.masks
+MAX_SMOOTH_RADIUS = 50
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DECODERS = ("auto", "pillow", "torchvision")
 
 # The keys each part of the `handler:` section may hold (arch_params is free-form: the architecture's kwargs).
-HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "runtime")
-MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights")
+HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "postprocess", "runtime")
+MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights", "head")
 CLASS_KEYS = ("name", "color")
 INPUT_KEYS = ("size", "mean", "std")
 LIMITS_KEYS = tuple(f.name for f in fields(Limits))
 TILING_KEYS = tuple(f.name for f in fields(Tiling))
+POSTPROCESS_KEYS = tuple(f.name for f in fields(PostProcessDefaults))
 RUNTIME_KEYS = ("threads", "channels_last", "precision", "decoder", "compile")
 
 
@@ -77,6 +95,10 @@ class ServingConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     arch_params: dict[str, Any] = field(default_factory=dict)
+    # How output channels become masks (segserve.heads): softmax (a channel per class), binary (one sigmoid
+    # channel; classes = background + the class) or multilabel (a sigmoid channel per class after background).
+    head: str = "softmax"
+    postprocess: PostProcessDefaults = PostProcessDefaults()
     limits: Limits = Limits()
     tiling: Tiling = Tiling()
     threads: int = 0
@@ -94,6 +116,20 @@ class ServingConfig:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def out_channels(self) -> int:
+        """The model's output channels: a class each for softmax; sigmoid heads have none for the background."""
+        from .heads import get  # torch: only where a model is run
+
+        return get(self.head).channels(self.num_classes)
+
+    @property
+    def family(self) -> str:
+        """The model family's name (segserve.families), as describe and the JSON answers show it."""
+        from .families import family_of
+
+        return family_of(self.arch).name
 
     @property
     def tile_size(self) -> tuple[int, int]:
@@ -137,6 +173,7 @@ class ServingConfig:
         limits = _section(section, "limits", LIMITS_KEYS)
         runtime = _section(section, "runtime", RUNTIME_KEYS)
         tiling = _section(section, "tiling", TILING_KEYS)
+        postprocess = _section(section, "postprocess", POSTPROCESS_KEYS)
 
         raw_classes = section.get("classes")
         if not isinstance(raw_classes, list) or len(raw_classes) < 2:
@@ -157,6 +194,8 @@ class ServingConfig:
             arch=_text(_required(model, "arch", "handler.model"), "handler.model.arch"),
             weights=_text(_required(model, "weights", "handler.model"), "handler.model.weights"),
             arch_params=dict(arch_params or {}),
+            head=choice(model.get("head", "softmax"), HEADS, "handler.model.head"),
+            postprocess=_postprocess(postprocess),
             classes=classes,
             input_size=input_size,
             mean=_triple(inp.get("mean", [0.485, 0.456, 0.406]), "handler.input.mean"),
@@ -265,6 +304,26 @@ def _tiling(section: dict, input_size: tuple[int, int]) -> Tiling:
         overlap=float(overlap),
         batch=whole_number(section.get("batch", Tiling.batch), "handler.tiling.batch", 1),
     )
+
+
+def _postprocess(section: dict) -> PostProcessDefaults:
+    threshold = section.get("threshold")
+    if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
+        raise ConfigError(f"handler.postprocess.threshold must be a probability in [0, 1] (or null), got {threshold!r}")
+    smooth = whole_number(section.get("smooth", 0), "handler.postprocess.smooth", 0)
+    if smooth > MAX_SMOOTH_RADIUS:
+        raise ConfigError(f"handler.postprocess.smooth is a radius in pixels, 0..{MAX_SMOOTH_RADIUS}, got {smooth}")
+    ignore = whole_number(section.get("ignore_label", 0), "handler.postprocess.ignore_label", 0)
+    if ignore > 255:
+        raise ConfigError(f"handler.postprocess.ignore_label must be a class id 0..255 (a PNG mask value), "
+                          f"got {ignore}")
+    return PostProcessDefaults(
+        threshold=None if threshold is None else float(threshold), smooth=smooth,
+        smooth_method=choice(section.get("smooth_method", "median"), SMOOTH_METHODS,
+                             "handler.postprocess.smooth_method"),
+        fill_holes=boolean(section.get("fill_holes", False), "handler.postprocess.fill_holes"),
+        min_area=whole_number(section.get("min_area", 0), "handler.postprocess.min_area", 0),
+        ignore_label=ignore)
 
 
 def _class_info(index: int, raw: Any) -> ClassInfo:

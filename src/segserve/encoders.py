@@ -1,4 +1,6 @@
-"""Mask -> response bodies: indexed PNG, and the JSON summary with the PNG inside."""
+"""Masks -> response bodies: indexed PNG, the JSON summary with the PNG inside, per-class RLE and polygons,
+instances, the overlay, probabilities. Every mask encoder takes a `MaskSet` (segserve.masks), so classes that
+overlap (multi-label heads) keep their own masks."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import numpy as np
 from PIL import Image
 
 from .config import ServingConfig
+from .errors import PayloadTooLarge
+from .masks import MaskSet, instances
 
 # zlib level for mask PNGs: masks are flat regions and compress well already at
 # low levels, while higher levels cost several times the CPU for a few % bytes.
@@ -30,31 +34,12 @@ def mask_to_png(mask: np.ndarray, palette: list[int], compress_level: int = PNG_
     return buffer.getvalue()
 
 
-def keep_classes(mask: np.ndarray, classes: tuple[int, ...] | None) -> np.ndarray:
-    """Pixels of classes not asked for become background (0)."""
-    if classes is None:
-        return mask
-    return np.where(np.isin(mask, classes), mask, 0).astype(np.uint8)
-
-
 def bbox(binary: np.ndarray) -> list[int] | None:
     """COCO-style [x, y, width, height] of the True pixels; None when there are none."""
     rows, cols = np.flatnonzero(binary.any(1)), np.flatnonzero(binary.any(0))
     if rows.size == 0:
         return None
     return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
-
-
-def remove_small_regions(binary: np.ndarray, min_area: int) -> np.ndarray:
-    """Drop 8-connected regions smaller than min_area pixels."""
-    if min_area <= 1 or not binary.any():
-        return binary
-    import cv2
-
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False  # label 0 is the rest of the image
-    return keep[labels]
 
 
 def class_entry(class_info, binary: np.ndarray) -> dict:
@@ -67,41 +52,46 @@ def selected(config: ServingConfig, classes: tuple[int, ...] | None):
     return [c for c in config.classes if classes is None or c.id in classes]
 
 
-def class_summary(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> list[dict]:
-    """Per class: id, name, pixel count, fraction of the image and bounding box."""
-    return [class_entry(c, mask == c.id) for c in selected(config, classes)]
+def class_summary(masks: MaskSet | np.ndarray, config: ServingConfig,
+                  classes: tuple[int, ...] | None = None) -> list[dict]:
+    """Per class: id, name, pixel count, fraction of the image and bounding box (its own mask where classes
+    overlap)."""
+    masks = MaskSet.of(masks)
+    return [class_entry(c, masks.binary(c.id)) for c in selected(config, classes)]
 
 
-def _answer_head(mask: np.ndarray, config: ServingConfig) -> dict:
-    """What every JSON answer starts with: the model and the mask's size."""
-    height, width = mask.shape
-    return {"model": config.name, "version": config.version, "width": int(width), "height": int(height)}
+def _answer_head(masks: MaskSet, config: ServingConfig) -> dict:
+    """What every JSON answer starts with: the model, how it was served, and the mask's size."""
+    height, width = masks.shape
+    return {"model": config.name, "version": config.version, "family": config.family, "head": config.head,
+            "width": int(width), "height": int(height)}
 
 
 def _dumps(body: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-def json_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> bytes:
+def json_response(masks: MaskSet | np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> bytes:
     """The default response: model, size, per-class summary and the mask as base64 PNG."""
-    mask = keep_classes(mask, classes)
-    return _dumps({**_answer_head(mask, config), "classes": class_summary(mask, config, classes),
-                   "mask": base64.b64encode(mask_to_png(mask, config.palette)).decode("ascii"),
+    masks = MaskSet.of(masks)
+    masks = masks.keep_classes(classes)
+    return _dumps({**_answer_head(masks, config), "classes": class_summary(masks, config, classes),
+                   "mask": base64.b64encode(mask_to_png(masks.labels, config.palette)).decode("ascii"),
                    "mask_format": "png;base64"})
 
 
-def rle_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None,
-                 min_area: int = 0) -> bytes:
+def rle_response(masks: MaskSet | np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None) -> bytes:
     """Per class, COCO compressed RLE (`pycocotools.mask.decode` gives back the class's binary mask)."""
+    masks = MaskSet.of(masks)
     from pycocotools import mask as coco_mask
 
     entries = []
     for c in selected(config, classes):
-        binary = remove_small_regions(mask == c.id, min_area)
+        binary = masks.binary(c.id)
         rle = coco_mask.encode(np.asfortranarray(binary.astype(np.uint8)))
         entries.append({**class_entry(c, binary),
                         "rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}})
-    return _dumps({**_answer_head(mask, config), "classes": entries, "mask_format": "coco_rle"})
+    return _dumps({**_answer_head(masks, config), "classes": entries, "mask_format": "coco_rle"})
 
 
 def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
@@ -133,15 +123,51 @@ def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
     return shapes
 
 
-def polygons_response(mask: np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None,
-                      min_area: int = 0) -> bytes:
+def polygons_response(masks: MaskSet | np.ndarray, config: ServingConfig,
+                      classes: tuple[int, ...] | None = None) -> bytes:
+    masks = MaskSet.of(masks)
     entries = []
     for c in selected(config, classes):
-        binary = remove_small_regions(mask == c.id, min_area)
+        binary = masks.binary(c.id)
         entries.append({**class_entry(c, binary),
                         "geometry": {"type": "MultiPolygon", "coordinates": polygons(binary)}})
-    return _dumps({**_answer_head(mask, config), "classes": entries, "mask_format": "polygons",
+    return _dumps({**_answer_head(masks, config), "classes": entries, "mask_format": "polygons",
                    "coordinates": "pixel centres, x right, y down, origin at the top-left pixel"})
+
+
+def instance_mask_png(ids: np.ndarray) -> bytes:
+    """uint16 instance ids (H, W) as a 16-bit greyscale PNG (0 = no instance)."""
+    buffer = io.BytesIO()
+    Image.fromarray(ids.astype(np.uint16)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def instances_response(masks: MaskSet | np.ndarray, config: ServingConfig, classes: tuple[int, ...] | None = None,
+                       with_mask: bool = False) -> bytes:
+    """Connected regions (8-connected) of every class but the background: per region its id (1, 2, ... in
+    class order, then top-to-bottom), class, area, bbox and centroid; per class the count. With `with_mask`,
+    the uint16 instance-id PNG (where classes overlap, a pixel shows the last instance drawn over it)."""
+    masks = MaskSet.of(masks)
+    entries, counts = [], []
+    ids = np.zeros(masks.shape, np.uint16) if with_mask else None
+    for c in selected(config, classes):
+        if c.id == 0:
+            continue
+        regions, found = instances(masks.binary(c.id))
+        if with_mask and len(entries) + len(found) > 65_535:
+            raise PayloadTooLarge(f"{len(entries) + len(found)} instances do not fit a uint16 instance mask: "
+                                  "raise min_area or leave out instance_mask")
+        first = len(entries) + 1
+        entries += [{"id": first + n, "class_id": c.id, "class": c.name, **region} for n, region in enumerate(found)]
+        if ids is not None and found:
+            ids = np.where(regions > 0, regions + (first - 1), ids).astype(np.uint16)
+        counts.append({"id": c.id, "name": c.name, "count": len(found)})
+    body = {**_answer_head(masks, config), "counts": counts, "instances": entries, "mask_format": "instances",
+            "coordinates": "pixel centres, x right, y down, origin at the top-left pixel"}
+    if ids is not None:
+        body["instance_mask"] = base64.b64encode(instance_mask_png(ids)).decode("ascii")
+        body["instance_mask_format"] = "png;base64;uint16"
+    return _dumps(body)
 
 
 def probs_npy(probs: np.ndarray) -> bytes:

@@ -57,6 +57,9 @@ class BuildDefaults:
     needs_classes: bool = False
     # arch_params read from the checkpoint's state_dict when none are given, e.g. {"aux_loss": True}.
     params_from_state: Callable[[Mapping[str, torch.Tensor]], dict] | None = None
+    # The head its models have where the channel count fits it (segserve.heads), e.g. softmax for torchvision;
+    # None: detected from the channels and the class list.
+    head: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,11 @@ def is_torchscript(path: Path) -> bool:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("unet", ("unet",), build=_unet, describe=_describe_params),
+    Family("unet", ("unet",), build=_unet, build_defaults=BuildDefaults(head="softmax"), describe=_describe_params),
     Family("torchvision", TORCHVISION_ARCHS, build=_torchvision, logits=lambda output: output["out"],
            build_defaults=BuildDefaults(input_size=(520, 520), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                        whole_image=True, needs_classes=True, params_from_state=_aux_loss),
+                                        whole_image=True, needs_classes=True, params_from_state=_aux_loss,
+                                        head="softmax"),
            describe=_describe_params),
     Family("custom", ("custom",), build=_custom, logits=_tensor_or_out,
            build_defaults=BuildDefaults(needs_classes=True), describe=_describe_custom),
@@ -236,7 +240,7 @@ def load_model(config: ServingConfig, weights_path: str | Path,
     if family.load is not None:
         model = family.load(Path(weights_path), device)
     else:
-        model = build_model(config.arch, config.num_classes, **config.arch_params)
+        model = build_model(config.arch, config.out_channels, **config.arch_params)
         model.load_state_dict(load_state_dict(weights_path, map_location=device), strict=True)
     return adapt(config.arch, model).to(device).eval()
 

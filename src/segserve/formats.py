@@ -25,6 +25,7 @@ from PIL import Image
 from . import encoders
 from .config import Limits, ServingConfig
 from .errors import PayloadTooLarge
+from .masks import MaskSet
 
 if TYPE_CHECKING:
     from .options import Options
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 class EncoderInput:
     """What an encoder gets for one request."""
 
-    output: np.ndarray  # uint8 class-index mask (H, W); float16 probabilities (classes, H, W) if needs_probs
+    output: MaskSet | np.ndarray  # the masks (post-processed); float16 probabilities (classes, H, W) if needs_probs
     options: Options
     config: ServingConfig
     image: Image.Image | None = None  # the decoded RGB image at its own size, if needs_image
@@ -69,19 +70,24 @@ def _json(job: EncoderInput) -> bytes:
 
 
 def _png(job: EncoderInput) -> bytes:
-    return encoders.mask_to_png(encoders.keep_classes(job.output, job.options.classes), job.config.palette)
+    return encoders.mask_to_png(MaskSet.of(job.output).keep_classes(job.options.classes).labels, job.config.palette)
 
 
 def _rle(job: EncoderInput) -> bytes:
-    return encoders.rle_response(job.output, job.config, job.options.classes, job.options.min_area)
+    return encoders.rle_response(job.output, job.config, job.options.classes)
 
 
 def _polygons(job: EncoderInput) -> bytes:
-    return encoders.polygons_response(job.output, job.config, job.options.classes, job.options.min_area)
+    return encoders.polygons_response(job.output, job.config, job.options.classes)
+
+
+def _instances(job: EncoderInput) -> bytes:
+    return encoders.instances_response(job.output, job.config, job.options.classes, job.options.instance_mask)
 
 
 def _overlay(job: EncoderInput) -> bytes:
-    return encoders.overlay_jpeg(job.image, encoders.keep_classes(job.output, job.options.classes), job.config)
+    labels = MaskSet.of(job.output).keep_classes(job.options.classes).labels
+    return encoders.overlay_jpeg(job.image, labels, job.config)
 
 
 def _probs(job: EncoderInput) -> bytes:
@@ -99,6 +105,9 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
     Format("polygons", "application/json", (), _polygons,
            # at most a closed ring of two "[x,y]," points per pixel of a class, plus the ring's brackets
            lambda w, h, k: _summary_bytes(k) + k * w * h * (2 * (2 * len(str(max(w, h))) + 4) + 8)),
+    Format("instances", "application/json", (), _instances,
+           # at most one region per 4 pixels of a class (8-connected), ~160 bytes each, plus the uint16 PNG
+           lambda w, h, k: _summary_bytes(k) + k * (w * h // 4 + 1) * 160 + 4 * (2 * _png_bytes(w, h) // 3 + 1)),
     Format("overlay", "image/jpeg", ("image/jpeg",), _overlay,
            # JPEG at quality 90 stays under the raw RGB even for noise; the tables and legend on top
            lambda w, h, _: 3 * w * h + 4096, needs_image=True),

@@ -1,4 +1,7 @@
-"""Per-request options: response format, class subset, minimum region area, tiling.
+"""Per-request options: response format, class subset, tiling, and the masks' post-processing.
+
+Post-processing (segserve.masks: threshold, smooth, smooth_method, fill_holes, min_area) defaults to the
+model config's `handler.postprocess:` section; a request's option overrides it.
 
 Where options come from, first match wins:
 1. fields of a JSON body (`{"image": "<base64>", "format": "rle"}`) or of a multipart form;
@@ -15,10 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import formats
-from .config import ServingConfig
+from .config import MAX_SMOOTH_RADIUS, SMOOTH_METHODS, ServingConfig
 from .errors import InvalidOption
+from .masks import PostProcess
 
-OPTION_NAMES = ("format", "classes", "min_area", "tile")
+POSTPROCESS_OPTIONS = ("threshold", "smooth", "smooth_method", "fill_holes", "min_area")
+OPTION_NAMES = ("format", "classes", "tile", *POSTPROCESS_OPTIONS, "instance_mask")
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 # Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
 TILE_MODES = ("auto", "on", "off")
 # Inputs that carry the image rather than options.
@@ -29,8 +35,9 @@ IMAGE_FIELDS = ("body", "data", "file", "image")
 class Options:
     format: str = formats.DEFAULT  # a name in formats.REGISTRY
     classes: tuple[int, ...] | None = None  # None: all classes
-    min_area: int = 0
     tile: str = "auto"
+    post: PostProcess = PostProcess()
+    instance_mask: bool = False  # format=instances: add the uint16 instance-id PNG
 
 
 def request_header(headers: dict[str, Any], name: str) -> str | None:
@@ -59,10 +66,26 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
     unknown = sorted(set(fields) - set(OPTION_NAMES))
     if unknown:
         raise InvalidOption(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
-    return Options(format=_format(fields.get("format"), headers),
-                   classes=parse_classes(fields.get("classes"), config),
-                   min_area=_min_area(fields.get("min_area")),
-                   tile=_tile(fields.get("tile")))
+    name = _format(fields.get("format"), headers)
+    asked = [key for key in POSTPROCESS_OPTIONS if fields.get(key) not in (None, "")]
+    if asked and formats.get(name).needs_probs:
+        raise InvalidOption(f"{', '.join(asked)} shape masks, and format={name} answers probabilities: drop them or "
+                            "ask for a mask format")
+    return Options(format=name, classes=parse_classes(fields.get("classes"), config), tile=_tile(fields.get("tile")),
+                   post=parse_postprocess(fields, config),
+                   instance_mask=_flag(fields.get("instance_mask"), "instance_mask"))
+
+
+def parse_postprocess(fields: dict[str, Any], config: ServingConfig) -> PostProcess:
+    """The post-processing options of a request, the model config's defaults where it sets none."""
+    defaults = config.postprocess
+    threshold = fields.get("threshold")
+    return PostProcess(
+        threshold=defaults.threshold if threshold in (None, "") else _number(threshold, "threshold", 0.0, 1.0),
+        smooth=_whole(fields.get("smooth"), "smooth", defaults.smooth, MAX_SMOOTH_RADIUS),
+        smooth_method=_smooth_method(fields.get("smooth_method"), defaults.smooth_method),
+        fill_holes=_flag(fields.get("fill_holes"), "fill_holes", defaults.fill_holes),
+        min_area=_whole(fields.get("min_area"), "min_area", defaults.min_area))
 
 
 def _format(value: Any, headers: dict[str, Any]) -> str:
@@ -95,16 +118,54 @@ def parse_classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
     return tuple(sorted(set(ids)))
 
 
-def _min_area(value: Any) -> int:
+def _whole(value: Any, name: str, default: int, maximum: int | None = None) -> int:
+    """A whole number of pixels in [0, maximum]; ASCII digits only (int() also reads other scripts' digits)."""
     if value is None or value == "":
-        return 0
+        return default
+    text = str(value).strip()
+    span = f"0..{maximum}" if maximum is not None else ">= 0"
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise InvalidOption(f"{name} must be a whole number of pixels, {span}, got {_shown(value)}")
+    number = int(text)
+    if maximum is not None and number > maximum:
+        raise InvalidOption(f"{name} must be a whole number of pixels, {span}, got {number}")
+    return number
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
     try:
-        area = int(str(value).strip())
+        number = float(str(value).strip()) if not isinstance(value, bool) else None
     except ValueError:
-        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}") from None
-    if area < 0:
-        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}")
-    return area
+        number = None
+    if number is None or not low <= number <= high:  # NaN fails both comparisons
+        raise InvalidOption(f"{name} must be a number in [{low:g}, {high:g}], got {_shown(value)}")
+    return number
+
+
+def _flag(value: Any, name: str, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE or text in FALSE:
+        return text in TRUE if text else default
+    raise InvalidOption(f"{name} must be true or false, got {_shown(value)}")
+
+
+def _smooth_method(value: Any, default: str) -> str:
+    if value is None or value == "":
+        return default
+    method = str(value).strip().lower()
+    if method not in SMOOTH_METHODS:
+        raise InvalidOption(f"smooth_method={_shown(method)} is not supported; use one of: {', '.join(SMOOTH_METHODS)}")
+    return method
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A client's value as an error message quotes it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def _tile(value: Any) -> str:

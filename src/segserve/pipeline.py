@@ -7,9 +7,11 @@ handler/segmenter_handler.py maps TorchServe's preprocess, inference and postpro
    plan says (Pillow per request, or torchvision for the batch's JPEGs) and, for resized plans, its
    model input;
 2. infer: the resized requests in one forward pass, tiled ones through sliding windows at their own
-   scale (segserve.tiling); every request leaves it with a uint8 mask at its image's size, or float16
-   class probabilities when its format takes them;
-3. answer: the format's encoder (segserve.formats) or the v2 answer (segserve.v2).
+   scale (segserve.tiling); the model's head (segserve.heads) turns logits into masks at each image's size
+   (a MaskSet: labels, and per-class layers where classes overlap), or float16 class probabilities when
+   its format takes them;
+3. answer: post-processing (segserve.masks: smooth, fill_holes, min_area), then the format's encoder
+   (segserve.formats) or the v2 answer (segserve.v2).
 A bad request gets its own JSON error in its own protocol and never changes the answers of the others;
 a forward pass that fails for the batch raises, so TorchServe answers the batch 503.
 
@@ -33,15 +35,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, tiling, v2
+from . import decode, heads, tiling, v2
 from .config import ServingConfig
 from .decode import ImageFile
 from .errors import InternalError, RequestError
 from .families import load_model
 from .formats import EncoderInput
+from .masks import MaskSet, postprocess
 from .metrics import Metrics
 from .plan import PROBS, TORCHVISION, Plan, Planner, Source
-from .transforms import logits_to_mask, tensor_to_model_input, to_model_input, upsample_logits
+from .transforms import tensor_to_model_input, to_model_input, upsample_logits
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,7 @@ class Segmenter:
         self.device = torch.device(device)
         self.metrics = metrics or Metrics()  # stage times, images, errors (segserve.metrics); none by default
         self.planner = Planner(config, self.device)
+        self.head = heads.get(config.head)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: ServingConfig | None = None,
@@ -281,21 +285,27 @@ class Segmenter:
                 self.metrics.failed("prediction_failed", 503, plan.index)
             raise
 
-    def _output_from_logits(self, plan: Plan, logits: torch.Tensor) -> np.ndarray:
+    def _output_from_logits(self, plan: Plan, logits: torch.Tensor) -> MaskSet | np.ndarray:
         """(C, h, w) logits at the model's size -> the plan's output at the image's size."""
         if plan.output == PROBS:
-            channels = list(plan.options.classes or range(self.config.num_classes))
-            probs = upsample_logits(logits, plan.height, plan.width).softmax(0)[channels]
+            probs = heads.probabilities(self.head, upsample_logits(logits, plan.height, plan.width),
+                                        plan.options.classes)
             return probs.to(torch.float16).cpu().numpy()
-        return logits_to_mask(logits, plan.height, plan.width)
+        return MaskSet.unpack(heads.decide(self.head, logits, plan.height, plan.width, plan.options.post.threshold,
+                                           self.config.postprocess.ignore_label))
 
-    def _tiled_output(self, plan: Plan, image: Image.Image) -> np.ndarray:
-        config = self.config
-        args = (image, self.forward, config.tile_size, config.tiling.overlap, config.tiling.batch, config.mean,
-                config.std)
+    def _tiled_output(self, plan: Plan, image: Image.Image) -> MaskSet | np.ndarray:
+        config, head = self.config, self.head
         if plan.output == PROBS:
-            return tiling.sliding_window_probs(*args, channels=plan.options.classes)
-        return tiling.sliding_window_mask(*args)
+            def to_output(logits: torch.Tensor) -> np.ndarray:
+                return heads.probabilities(head, logits, plan.options.classes).to(torch.float16).cpu().numpy()
+        else:
+            def to_output(logits: torch.Tensor) -> np.ndarray:
+                return heads.decide(head, logits, logits.shape[1], logits.shape[2], plan.options.post.threshold,
+                                    config.postprocess.ignore_label)
+        output = tiling.sliding_window(image, self.forward, config.tile_size, config.tiling.overlap,
+                                       config.tiling.batch, config.mean, config.std, to_output)
+        return output if plan.output == PROBS else MaskSet.unpack(output)
 
     # -- 3. answer: encode ----------------------------------------------------------------------
     def answer(self, batch: Batch) -> list[Response]:
@@ -312,9 +322,11 @@ class Segmenter:
                 self.metrics.failed(response.error_type or "unknown", response.status, index)
         return responses
 
-    def _encode(self, plan: Plan, output: np.ndarray, image: Image.Image | None) -> Response:
+    def _encode(self, plan: Plan, output: MaskSet | np.ndarray, image: Image.Image | None) -> Response:
+        if isinstance(output, MaskSet):
+            output = postprocess(output, plan.options.post)
         if plan.v2 is not None:
-            body, content_type, headers = v2.answer(output, plan.v2, self.config)
+            body, content_type, headers = v2.answer(output.labels, plan.v2, self.config)
             return Response(200, content_type, body, headers=headers)
         return Response(200, plan.format.content_type,
                         plan.format.encode(EncoderInput(output, plan.options, self.config, image)))
@@ -332,7 +344,8 @@ class Segmenter:
         self.infer(batch)
         if batch.errors:
             raise batch.errors[min(batch.errors)]
-        return [batch.outputs[index] for index in range(len(images))]
+        return [postprocess(batch.outputs[index], batch.plans[index].options.post).labels
+                for index in range(len(images))]
 
     # -- per-request failures ------------------------------------------------------------------
     @staticmethod

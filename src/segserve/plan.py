@@ -26,7 +26,7 @@ from . import decode, formats, v2
 from .config import ServingConfig
 from .decode import ImageFile
 from .formats import Format
-from .options import Options, parse_options
+from .options import Options, parse_options, parse_postprocess
 from .tiling import should_tile
 from .v2 import V2Request
 
@@ -82,7 +82,7 @@ class Planner:
                 source.size
             # v2 answers the mask of the whole image resized to the model input, decoded in full.
             return Plan(index, request_id, width, height, tiled=False, decoder=PILLOW, reduce=False, output=MASK,
-                        keep_image=False, v2=request), source
+                        keep_image=False, options=Options(post=parse_postprocess({}, self.config)), v2=request), source
         options = parse_options(inputs, headers, self.config)
         entry = formats.get(options.format)
         file = ImageFile(decode.extract_image_bytes(inputs, content_types(headers)), self.config.limits)
@@ -103,4 +103,4 @@ class Planner:
         """The plan for a decoded RGB image answered in-process with its mask (`tile` as the request option)."""
         return Plan(index, None, image.width, image.height,
                     tiled=should_tile(image.width, image.height, tile, self.config), decoder=PILLOW, reduce=False,
-                    output=MASK, keep_image=False, options=Options(tile=tile))
+                    output=MASK, keep_image=False, options=Options(tile=tile, post=parse_postprocess({}, self.config)))

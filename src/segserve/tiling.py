@@ -115,25 +115,33 @@ def blended_bands(image: Image.Image, forward: Forward, tile: tuple[int, int], o
         carry, carry_weight = logits_sum[:, done:], weight_sum[done:]
 
 
+def sliding_window(image: Image.Image, forward: Forward, tile: tuple[int, int], overlap: float, batch: int,
+                   mean: Sequence[float], std: Sequence[float],
+                   to_output: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+    """The whole image's output from blended windows: `to_output` maps each band's logits (C, rows, width) to
+    an array (..., rows, width) (labels, label layers, probabilities), and the bands are stacked along rows."""
+    output = None
+    for top, logits in blended_bands(image, forward, tile, overlap, batch, mean, std):
+        band = to_output(logits)
+        if output is None:
+            output = np.empty((*band.shape[:-2], image.height, image.width), band.dtype)
+        output[..., top:top + band.shape[-2], :] = band
+    return output
+
+
 def sliding_window_mask(image: Image.Image, forward: Forward, tile: tuple[int, int], overlap: float, batch: int,
                         mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 class-index mask (height, width) of the whole image from blended windows."""
-    mask = np.empty((image.height, image.width), np.uint8)
-    for top, logits in blended_bands(image, forward, tile, overlap, batch, mean, std):
-        mask[top:top + logits.shape[1]] = logits_to_mask(logits, logits.shape[1], logits.shape[2])
-    return mask
+    """uint8 class-index mask (height, width) of the whole image from blended windows (argmax of the logits)."""
+    return sliding_window(image, forward, tile, overlap, batch, mean, std,
+                          lambda logits: logits_to_mask(logits, logits.shape[1], logits.shape[2]))
 
 
 def sliding_window_probs(image: Image.Image, forward: Forward, tile: tuple[int, int], overlap: float, batch: int,
                          mean: Sequence[float], std: Sequence[float],
                          channels: Sequence[int] | None = None) -> np.ndarray:
     """float16 (classes, height, width) softmax of the blended logits; only `channels` when given."""
-    probs = None
-    for top, logits in blended_bands(image, forward, tile, overlap, batch, mean, std):
+    def probs(logits: torch.Tensor) -> np.ndarray:
         band = logits.softmax(0)
-        if channels is not None:
-            band = band[list(channels)]
-        if probs is None:
-            probs = np.empty((band.shape[0], image.height, image.width), np.float16)
-        probs[:, top:top + band.shape[1]] = band.to(torch.float16).cpu().numpy()
-    return probs
+        return (band if channels is None else band[list(channels)]).to(torch.float16).cpu().numpy()
+
+    return sliding_window(image, forward, tile, overlap, batch, mean, std, probs)

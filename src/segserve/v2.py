@@ -32,6 +32,7 @@ from PIL import Image
 from . import decode, encoders
 from .config import Limits, ServingConfig
 from .errors import BadRequest, EmptyBody, ImageTooLarge, InvalidImage, InvalidOption, RequestError, UnprocessableEntity
+from .masks import keep_classes
 from .options import parse_classes, request_header
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -215,7 +216,7 @@ def _pixels(tensor: dict[str, Any], shape: list[int], raw: bytes | None, limits:
 # -- answers ------------------------------------------------------------------------------------
 def answer(mask: np.ndarray, request: V2Request, config: ServingConfig) -> tuple[bytes, str, dict[str, str]]:
     """The v2 answer for one mask: (body, content type, extra response headers)."""
-    mask = encoders.keep_classes(mask, request.classes)
+    mask = keep_classes(mask, request.classes)
     if request.output == "png":
         png = encoders.mask_to_png(mask, config.palette)
         output = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [1]}

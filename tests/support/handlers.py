@@ -35,13 +35,13 @@ def model_yaml(**handler: Any) -> dict[str, Any]:
     return merged(yaml.safe_load(MODEL_CONFIG.read_text()), {"handler": handler})
 
 
-def model_dir(folder: Path, model: nn.Module, **handler: Any) -> Path:
+def model_dir(folder: Path, model: nn.Module, head: str = "softmax", **handler: Any) -> Path:
     """A model directory as TorchServe unpacks an archive: model-config.yaml (the default model's, with
     `handler` settings merged in) and `model` saved as TorchScript, the weights it names."""
     folder.mkdir(parents=True, exist_ok=True)
     doc = model_yaml(**handler)
     doc["handler"]["model"] = {**doc["handler"]["model"], "arch": "torchscript", "weights": "model.pt",
-                               "arch_params": {}}
+                               "arch_params": {}, "head": head}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated; families loads it
         torch.jit.save(torch.jit.script(model.eval()), str(folder / "model.pt"))
@@ -49,9 +49,10 @@ def model_dir(folder: Path, model: nn.Module, **handler: Any) -> Path:
     return folder
 
 
-def stand_in_handler(folder: Path, model: nn.Module | None = None, metrics: Any = None, **handler: Any):
+def stand_in_handler(folder: Path, model: nn.Module | None = None, metrics: Any = None, head: str = "softmax",
+                     **handler: Any):
     """segmenter_handler.py initialized on a stand-in model (default ChannelArgmax); `metrics` as load_handler's."""
-    folder = model_dir(folder, model or ChannelArgmax(), **handler)
+    folder = model_dir(folder, model or ChannelArgmax(), head, **handler)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return load_handler(folder, metrics=metrics)

@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from .. import families
+from .. import families, heads
 from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, whole_number
 from ..families import build_model, load_state_dict
 
@@ -155,18 +155,27 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
 
 def check_output(model: torch.nn.Module, config: ServingConfig) -> None:
     """One forward pass of the adapted model (families.adapt, as the worker runs it) on a zero image:
-    raise BuildError unless it gives (N, num_classes, H, W) logits."""
-    height, width = config.input_size
+    raise BuildError unless it gives (N, channels, H, W) logits, the channels the head needs for the classes."""
+    channels = output_channels(model, config.input_size)
+    if channels != config.out_channels:
+        raise BuildError(f"the model outputs {channels} channel(s) but its {config.head} head with "
+                         f"{config.num_classes} classes ({', '.join(config.class_names)}) needs "
+                         f"{config.out_channels}")
+
+
+def output_channels(model: torch.nn.Module, input_size: tuple[int, int]) -> int:
+    """The channels of the adapted model's (N, C, H, W) logits on a zero image; BuildError if it cannot run."""
+    height, width = input_size
     try:
         with torch.inference_mode():
             output = model.eval()(torch.zeros(1, 3, height, width))
     except Exception as exc:  # noqa: BLE001 - a model that cannot run is a build error, said plainly
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise BuildError(f"the model's forward pass failed on a (1, 3, {height}, {width}) input: {first}") from None
-    if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[1] != config.num_classes:
+    if not isinstance(output, torch.Tensor) or output.dim() != 4:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise BuildError(f"the model outputs {shape} but {config.num_classes} classes are configured "
-                         f"({', '.join(config.class_names)}): expected (N, {config.num_classes}, H, W)")
+        raise BuildError(f"the model outputs {shape}: expected (N, channels, H, W) logits")
+    return int(output.shape[1])
 
 
 def check_model(config: ServingConfig, weights: Path) -> None:
@@ -176,8 +185,9 @@ def check_model(config: ServingConfig, weights: Path) -> None:
 
 def check_state(config: ServingConfig, state: dict[str, torch.Tensor]) -> None:
     """Build the configured architecture, load `state` strictly and run the adapted model once."""
-    model = build_model(config.arch, config.num_classes, **config.arch_params)
-    check_fit(model, state, f"architecture {config.arch!r} with {config.num_classes} classes")
+    model = build_model(config.arch, config.out_channels, **config.arch_params)
+    check_fit(model, state, f"architecture {config.arch!r} with {config.out_channels} output channels "
+                            f"({config.head} head, {config.num_classes} classes)")
     model.load_state_dict(state, strict=True)
     check_output(families.adapt(config.arch, model), config)
 
@@ -190,6 +200,29 @@ def check_model_file(config: ServingConfig, weights: Path) -> None:
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"cannot load {family.name} file {weights}: {str(exc).splitlines()[0]}") from None
     check_output(model, config)
+
+
+# -- the head: output channels vs classes -----------------------------------------------------------------
+def fitting_model(arch: str, arch_params: dict, state: dict[str, torch.Tensor],
+                  candidates: list[int]) -> torch.nn.Module | None:
+    """The model built for the first candidate output-channel count that the state_dict fits exactly, with
+    the state loaded and its family's adapter on; None if it fits none."""
+    for channels in dict.fromkeys(c for c in candidates if c > 0):
+        model = build_model(arch, channels, **arch_params)
+        try:
+            check_fit(model, state, arch)
+        except BuildError:
+            continue
+        model.load_state_dict(state, strict=True)
+        return families.adapt(arch, model)
+    return None
+
+
+def choose_head(names: list, requested: str | None, default: str | None, channels: int) -> tuple[str, list]:
+    try:
+        return heads.detect(names, channels, requested, default)
+    except heads.HeadError as exc:
+        raise BuildError(str(exc)) from None
 
 
 # -- classes and config --------------------------------------------------------------------------
@@ -222,7 +255,7 @@ def make_config(base: Path, **overrides: Any) -> dict:
     section = copy.deepcopy(doc.get("handler") or {})
     model = section.setdefault("model", {})
     inp = section.setdefault("input", {})
-    for key in ("name", "version", "arch", "arch_params", "weights"):
+    for key in ("name", "version", "arch", "arch_params", "weights", "head"):
         if overrides.get(key) is not None:
             model[key] = overrides[key]
     if overrides.get("classes") is not None:
@@ -241,7 +274,7 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
           handler: Path | None = None, *, arch: str | None = None, arch_params: dict | None = None,
           model_file: Path | None = None, model_class: str | None = None, model_args: dict | None = None,
           classes: list | None = None, input_size: list[int] | None = None, mean: list[float] | None = None,
-          std: list[float] | None = None, archive_name: str | None = None) -> Path:
+          std: list[float] | None = None, archive_name: str | None = None, head: str | None = None) -> Path:
     """Check the model, then write export_path/<archive_name or name>.mar."""
     weights = Path(weights)
     if not weights.is_file():
@@ -276,13 +309,11 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
             tiling = {"auto_above_pixels": base.limits.max_pixels}
         if defaults.params_from_state is not None and arch_params is None:
             arch_params = defaults.params_from_state(state)
-    doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
-                      weights=family.weights_file, classes=classes, size=input_size, mean=mean, std=std,
-                      tiling=tiling)
-    try:
-        config = ServingConfig.from_dict(doc["handler"])
-    except ConfigError as exc:
-        raise BuildError(str(exc)) from None
+    arch = arch or base.arch
+    if arch_params is None:
+        arch_params = dict(base.arch_params) if arch == base.arch else {}
+    requested = head or _base_head(config_path)
+    names = classes if classes is not None else [{"name": c.name, "color": list(c.color)} for c in base.classes]
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segserve-mar-") as tmp:
         stage = Path(tmp) / "extra"
@@ -292,6 +323,25 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
         if model_file is not None:
             shutil.copy2(model_file, stage / Path(model_file).name)
         with _importable(stage, Path(model_file).stem if model_file else None):
+            # The head follows from the model's output channels and the class list (or --head).
+            if state is not None:
+                preferred = [heads.get(requested).channels(len(names)), len(names)] if requested else []
+                model = fitting_model(arch, arch_params, state, [*preferred, len(names), 1, len(names) - 1])
+                if model is None:  # fits none: say why for the class list as given (a softmax head's channels)
+                    check_fit(build_model(arch, len(names), **arch_params), state,
+                              f"architecture {arch!r} with {len(names)} output channels for the classes given")
+            else:
+                model = families.adapt(arch, family.load(weights, torch.device("cpu")))
+            # The channels the forward pass gives, whatever the build was told (a model file may fix its own).
+            channels = output_channels(model, tuple(input_size or base.input_size))
+            chosen, names = choose_head(names, requested, family.build_defaults.head, channels)
+            doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
+                              weights=family.weights_file, classes=names, size=input_size, mean=mean, std=std,
+                              tiling=tiling, head=chosen)
+            try:
+                config = ServingConfig.from_dict(doc["handler"])
+            except ConfigError as exc:
+                raise BuildError(str(exc)) from None
             if state is None:  # the weights file is the model: checked as the worker loads it, shipped as given
                 check_model_file(config, weights)
                 shutil.copy2(weights, stage / config.weights)
@@ -313,6 +363,12 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
         target = export_path / f"{archive_name or name}.mar"
         shutil.move(str(Path(tmp) / "out" / f"{name}.mar"), target)
     return target
+
+
+def _base_head(config_path: Path) -> str | None:
+    """The head the base model-config.yaml sets itself (handler.model.head), if it does."""
+    doc = yaml.safe_load(Path(config_path).read_text()) or {}
+    return ((doc.get("handler") or {}).get("model") or {}).get("head")
 
 
 def _listed(values: tuple | None) -> list | None:
@@ -378,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
                              "'module.' prefixes) or .safetensors, or a TorchScript file (default: model/'s)")
     parser.add_argument("--classes", type=read_class_list, default=None,
                         help="class names, comma-separated, or a .json/.yaml/.txt file (names or {name, color})")
+    parser.add_argument("--head", choices=heads.NAMES, default=None,
+                        help="how output channels become masks: softmax (a channel per class), binary (one sigmoid "
+                             "channel: --classes lesion or background,lesion) or multilabel (a sigmoid channel per "
+                             "class after the background; classes may overlap). Default: detected from the model's "
+                             "output channels and the class list")
     parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
     parser.add_argument("--mean", type=_floats, default=None, help="normalization mean, R,G,B in 0..1")
     parser.add_argument("--std", type=_floats, default=None, help="normalization std, R,G,B")
@@ -394,13 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         mar = build(args.name, args.config, weights, args.export_path, args.version, arch=args.arch,
                     model_file=args.model_file, model_class=args.model_class, model_args=args.model_args,
                     classes=args.classes, input_size=args.input_size, mean=args.mean, std=args.std,
-                    archive_name=args.archive_name)
+                    archive_name=args.archive_name, head=args.head)
     except (BuildError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"build_mar.sh: error: {exc}", file=sys.stderr)
         return 2
     config = ServingConfig.from_dict(yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"])
     print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch}, "
-          f"{config.num_classes} classes ({', '.join(config.class_names)}), input "
+          f"{config.head} head, {config.num_classes} classes ({', '.join(config.class_names)}), input "
           f"{config.input_size[0]}x{config.input_size[1]}")
     return 0
 
