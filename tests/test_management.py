@@ -3,6 +3,8 @@ a version's predictions refused once it is unregistered (model API on, conftest'
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import requests
 from support import MODEL, encode_image, random_image
@@ -17,7 +19,8 @@ def test_describe_shows_version_architecture_input_size_and_classes(server, conf
     custom = response.json()[0]["customizedMetadata"]
     assert custom == {
         "model": config.name, "version": config.version, "family": "unet", "arch": config.arch,
-        "arch_params": dict(config.arch_params), "input_size": list(config.input_size),
+        "arch_params": dict(config.arch_params), "head": "softmax",
+        "postprocess": dataclasses.asdict(config.postprocess), "input_size": list(config.input_size),
         "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
     }
 

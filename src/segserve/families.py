@@ -175,7 +175,7 @@ def is_torchscript(path: Path) -> bool:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("unet", ("unet",), build=_unet, build_defaults=BuildDefaults(head="softmax"), describe=_describe_params),
+    Family("unet", ("unet",), build=_unet, describe=_describe_params),
     Family("torchvision", TORCHVISION_ARCHS, build=_torchvision, logits=lambda output: output["out"],
            build_defaults=BuildDefaults(input_size=(520, 520), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                         whole_image=True, needs_classes=True, params_from_state=_aux_loss,

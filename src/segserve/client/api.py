@@ -206,10 +206,15 @@ class SegservClient:
         raise AssertionError("unreachable")
 
     def predict(self, image: ImageInput, format: str = "json", classes: Iterable[str | int] | str | None = None,
-                min_area: int | None = None, tile: str | None = None) -> Prediction:
+                min_area: int | None = None, tile: str | None = None, threshold: float | None = None,
+                smooth: int | None = None, smooth_method: str | None = None, fill_holes: bool | None = None,
+                instance_mask: bool | None = None) -> Prediction:
         """Segment one image (a path, encoded bytes, or a PIL image, sent as PNG); raise SegservError on failure.
 
         `tile`: "auto" (the server's default), "on" or "off": sliding-window inference at the image's own scale.
+        `threshold`, `smooth` (radius in pixels), `smooth_method` (median, open, close), `fill_holes` and
+        `min_area` post-process the masks (docs/api.md); None leaves the model's default.
+        `instance_mask`: with format="instances", also the uint16 instance-id PNG.
         """
         name, data, media = _image_part(image)
         fields = {"format": format}
@@ -217,8 +222,11 @@ class SegservClient:
             fields["tile"] = tile
         if classes is not None:
             fields["classes"] = classes if isinstance(classes, str) else ",".join(str(c) for c in classes)
-        if min_area is not None:
-            fields["min_area"] = str(int(min_area))
+        for key, value in (("min_area", min_area), ("threshold", threshold), ("smooth", smooth),
+                           ("smooth_method", smooth_method), ("fill_holes", fill_holes),
+                           ("instance_mask", instance_mask)):
+            if value is not None:
+                fields[key] = str(value).lower() if isinstance(value, bool) else str(value)
         try:
             response = self._send("POST", self.predict_url, self.token, files={"data": (name, data, media)},
                                   data=fields)

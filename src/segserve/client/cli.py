@@ -79,7 +79,8 @@ def predict(args: argparse.Namespace) -> int:
     client = _client(args)
     results = client.predict_many(images, workers=args.workers, progress=not args.no_progress,
                                   format=args.format, classes=args.classes, min_area=args.min_area,
-                                  tile=args.tile)
+                                  tile=args.tile, threshold=args.threshold, smooth=args.smooth,
+                                  smooth_method=args.smooth_method, fill_holes=args.fill_holes or None)
     refused = next((r for r in results if isinstance(r, SegservError) and r.type in OPTION_ERRORS), None)
     if refused is not None:  # an option the server refuses: a usage error, whichever image it came back for
         raise UsageError(refused.message)
@@ -120,7 +121,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png",
                    help="what to write per image (png); a format the server lacks is refused with its list")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids to return")
-    p.add_argument("--min-area", type=int, default=None, help="drop regions smaller than this (rle, polygons)")
+    p.add_argument("--min-area", type=int, default=None, help="drop regions smaller than this many pixels")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability cut: sigmoid heads' class cut (0.5); softmax: less sure pixels become background")
+    p.add_argument("--smooth", type=int, default=None, help="smoothing radius in pixels (0 = off)")
+    p.add_argument("--smooth-method", default=None, help="median (default), open or close")
+    p.add_argument("--fill-holes", action="store_true", help="fill background enclosed by one class")
     p.add_argument("--tile", default=None,
                    help="sliding windows at the image's own scale (default: the server's, auto); "
                         "a mode the server lacks is refused with its list")
