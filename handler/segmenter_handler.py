@@ -60,7 +60,8 @@ class SegmenterHandler(BaseHandler):
             "version": config.version,
             **families.describe(config),  # family, arch and what the family adds (e.g. arch_params)
             "head": config.head,
-            "postprocess": dataclasses.asdict(config.postprocess),  # the defaults a request's options override
+            # The defaults a request's options override; unset ones left out (TorchServe drops JSON nulls anyway).
+            "postprocess": {k: v for k, v in dataclasses.asdict(config.postprocess).items() if v is not None},
             "input_size": list(config.input_size),
             "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
         }

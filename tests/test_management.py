@@ -20,7 +20,8 @@ def test_describe_shows_version_architecture_input_size_and_classes(server, conf
     assert custom == {
         "model": config.name, "version": config.version, "family": "unet", "arch": config.arch,
         "arch_params": dict(config.arch_params), "head": "softmax",
-        "postprocess": dataclasses.asdict(config.postprocess), "input_size": list(config.input_size),
+        "postprocess": {k: v for k, v in dataclasses.asdict(config.postprocess).items() if v is not None},
+        "input_size": list(config.input_size),
         "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
     }
 
