@@ -247,6 +247,11 @@ def test_monai_networks_take_their_own_arguments(tmp_path, capsys):
     code = main(["--arch", "monai:UNet", "--arch-param", "spatial_dims=3", "--weights", str(weights),
                  "--classes", ",".join(CLASSES), "--export-path", str(tmp_path / "store")])
     assert code == 2 and "images are 2-D" in capsys.readouterr().err
+    # Without --arch-param an architecture gets its own defaults, never the base config's (the default U-Net's).
+    weights = state_file(tmp_path / "basic.pt", "monai:BasicUNet")
+    mar = build("basic", MODEL_CONFIG, weights, tmp_path / "store", arch="monai:BasicUNet", classes=CLASSES,
+                input_size=SIZE)
+    assert archive_doc(mar)["handler"]["model"]["arch_params"] == {}
 
 
 # -- torch.export ---------------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def model_module_name(model_file: Path, handler: Path) -> str:
 
 
 def code_refusal(family: families.Family, weights: Path, model_file: Path | None) -> str:
-    what = {"custom": f"--model-file {model_file} is Python code",
+    what = {"custom": f"--model-file {model_file or '(a custom model)'} is Python code",
             "torchscript": f"{weights} is a TorchScript program",
             "export": f"{weights} is a torch.export program, and torch.export.load can run code from such a file "
                       "(it unpickles parts of it and evaluates its shape expressions)"}.get(family.name,
@@ -365,7 +365,8 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     except Exception as exc:  # noqa: BLE001 - an unreadable model file is a build error, said plainly
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise BuildError(f"cannot read {family.name} weights {weights}: {first}") from None
-    if suggested.input_size and input_size and list(input_size) != list(suggested.input_size):
+    # A file that is the model (an exported program) may take one input size only.
+    if not family.state_dict and suggested.input_size and input_size and list(input_size) != list(suggested.input_size):
         raise BuildError(f"the {family.name} file takes {suggested.input_size[0]}x{suggested.input_size[1]} "
                          f"inputs: --input-size {input_size[0]}x{input_size[1]} cannot be served by it")
     tiling = None
@@ -381,6 +382,8 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
             tiling = {"auto_above_pixels": base.limits.max_pixels}
         if defaults.params_from_state is not None and arch_params is None:
             arch_params = defaults.params_from_state(state)
+        if arch_params is None and arch != base.arch:
+            arch_params = {}  # never the base config's: those are the default model's
     doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
                       weights=family.weights_file, requires=requires or None, classes=classes, size=input_size,
                       mean=mean, std=std, tiling=tiling)
@@ -404,8 +407,12 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
                 try:
                     check_state(config, state)
                 except (ValueError, TypeError, ImportError) as exc:  # the family's or library's word on the params
+                    hint = ""
+                    if isinstance(exc, ImportError) and family.extra and not isinstance(exc, MissingDependencyError):
+                        hint = f" (segserve's {family.extra!r} extra installs what its models import: " \
+                               f"{families.install_hint(family.extra)})"
                     raise BuildError(f"cannot build {config.arch} with arch_params {_shown(config.arch_params)}: "
-                                     f"{exc}") from None
+                                     f"{exc}{hint}") from None
                 # Clones: safetensors refuses tensors that share memory (tied weights).
                 save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / config.weights))
         config_file = Path(tmp) / "model-config.yaml"
