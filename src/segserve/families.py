@@ -274,7 +274,7 @@ HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
 # The model types whose output is per-query classes and masks (semantic maps made as their image processors'
 # post_process_semantic_segmentation makes them). OneFormer also needs tokenized task text; DETR panoptic
 # masks have no per-class map: neither is served.
-HF_QUERY_TYPES = ("mask2former", "maskformer", "eomt", "eomt_dinov3")
+HF_QUERY_TYPES = ("mask2former", "maskformer")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -354,6 +354,9 @@ def read_hf_folder(folder: Path, params: dict) -> tuple[dict[str, torch.Tensor],
     except OSError as exc:
         raise ValueError(f"cannot load the Hugging Face folder {folder}: {str(exc).splitlines()[0]} (segserve "
                          "reads safetensors only: save with model.save_pretrained(folder))") from None
+    except RuntimeError as exc:  # transformers refuses shape mismatches after logging its load report
+        raise ValueError(f"weights in {folder} do not fit its {HF_CONFIG} (transformers' load report above lists "
+                         f"the keys): {str(exc).splitlines()[-1]}") from None
     problems = {name: sorted(map(str, info.get(key) or ())) for name, key in
                 (("missing keys", "missing_keys"), ("unexpected keys", "unexpected_keys"),
                  ("shape mismatches", "mismatched_keys"))}
