@@ -189,6 +189,38 @@ def test_a_save_pretrained_folder_is_detected_with_its_classes_and_preprocessing
         assert torch.allclose(handler.segmenter.model(x), original(x).logits, atol=1e-5)
 
 
+def hf_semantic_model(model_type):
+    """A tiny model of each of these Hugging Face semantic-segmentation types, random weights."""
+    import transformers as hf
+
+    labels = dict(enumerate(CLASSES))
+    vit = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64,
+           "image_size": 64, "patch_size": 16, "id2label": labels}
+    torch.manual_seed(0)
+    if model_type == "upernet":
+        backbone = hf.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                     out_features=["stage1", "stage2", "stage3", "stage4"])
+        return hf.UperNetForSemanticSegmentation(hf.UperNetConfig(
+            backbone_config=backbone, hidden_size=16, auxiliary_in_channels=24, auxiliary_channels=16, id2label=labels))
+    if model_type == "dpt":
+        return hf.DPTForSemanticSegmentation(hf.DPTConfig(**vit, neck_hidden_sizes=[8, 16, 24, 32],
+                                                          fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3]))
+    return hf.BeitForSemanticSegmentation(hf.BeitConfig(**vit, out_indices=[0, 1, 2, 3], pool_scales=[1, 2],
+                                                        auxiliary_channels=16))
+
+
+@pytest.mark.parametrize("model_type", ["upernet", "dpt", "beit"])
+def test_hf_semantic_segmentation_types_load_as_saved(tmp_path, model_type):
+    model = hf_semantic_model(model_type).eval()
+    model.save_pretrained(tmp_path / model_type)
+    mar = build(model_type, MODEL_CONFIG, tmp_path / model_type, tmp_path / "store", input_size=SIZE)
+    assert archive_doc(mar)["handler"]["model"]["arch_params"]["config"]["model_type"] == model_type
+    handler = unpacked_handler(mar, tmp_path / "unpacked")
+    x = torch.rand(2, 3, *SIZE)
+    with torch.inference_mode():
+        assert torch.allclose(handler.segmenter.model(x), model(x).logits, atol=1e-5)
+
+
 def test_hf_weights_that_do_not_fit_their_config_are_listed(tmp_path, capsys, caplog):
     folder = segformer_folder(tmp_path / "segformer", with_processor=False)
     config = json.loads((folder / "config.json").read_text())
