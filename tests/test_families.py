@@ -69,6 +69,40 @@ def mask2former_folder(folder):
     return folder
 
 
+def oneformer_folder(folder):
+    """A OneFormer and its processor as save_pretrained writes them; the tokenizer a CLIP BPE over single letters
+    (what a real one does with words, in a vocabulary written here: nothing is downloaded)."""
+    import string
+
+    from transformers import (
+        CLIPTokenizer,
+        OneFormerConfig,
+        OneFormerForUniversalSegmentation,
+        OneFormerImageProcessor,
+        OneFormerProcessor,
+    )
+
+    folder.mkdir(parents=True)
+    letters = list(string.ascii_lowercase)
+    vocab = {name: index for index, name in enumerate(["<|startoftext|>", "<|endoftext|>", *letters,
+                                                       *(f"{c}</w>" for c in letters)])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    backbone = {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+                "out_features": ["stage1", "stage2", "stage3", "stage4"], "image_size": 64, "window_size": 4}
+    config = OneFormerConfig(num_labels=3, id2label=dict(enumerate(CLASSES)), hidden_dim=32, encoder_feedforward_dim=64,
+                             encoder_layers=1, decoder_layers=2, num_queries=8, dim_feedforward=64,
+                             num_attention_heads=2, mask_dim=32, conv_dim=32, text_encoder_width=32,
+                             text_encoder_num_layers=1, text_encoder_vocab_size=len(vocab), backbone_config=backbone)
+    torch.manual_seed(0)
+    model = OneFormerForUniversalSegmentation(config).eval()
+    model.save_pretrained(folder)
+    processor = OneFormerProcessor(image_processor=OneFormerImageProcessor(), tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
 class Tiny(nn.Module):
     def __init__(self, channels=3):
         super().__init__()
@@ -266,6 +300,23 @@ def test_mask2former_semantic_scores_are_its_image_processors(tmp_path):
     assert archive_doc(mar)["handler"]["classes"] == CLASSES
 
 
+@pytest.mark.skipif(not HAS_SCIPY, reason="the hf extra's scipy is not installed (make install brings it)")
+def test_a_oneformer_folder_is_served_its_semantic_task(tmp_path):
+    model, processor = oneformer_folder(tmp_path / "oneformer")
+    mar = build("oneformer", MODEL_CONFIG, tmp_path / "oneformer", tmp_path / "store", input_size=SIZE)
+    task = processor._preprocess_text(["the task is semantic"], max_length=processor.task_seq_length)
+    assert archive_doc(mar)["handler"]["model"]["arch_params"]["task_inputs"] == task[0].tolist()
+    handler = unpacked_handler(mar, tmp_path / "unpacked")  # the worker has no tokenizer, only those tokens
+    x = torch.rand(2, 3, *SIZE)
+    with torch.inference_mode():
+        output = model(pixel_values=x, task_inputs=task.expand(2, -1))
+        expected = processor.image_processor.post_process_semantic_segmentation(output, target_sizes=[(16, 16)] * 2)
+        served = handler.segmenter.model(x)
+    assert served.shape == (2, 3, 16, 16)  # OneFormer's masks are at 1/4 of its input
+    for index in range(2):
+        assert torch.equal(served[index].argmax(0), expected[index])
+
+
 # -- MONAI ----------------------------------------------------------------------------------------------
 def test_monai_networks_take_their_own_arguments(tmp_path, capsys):
     weights = state_file(tmp_path / "unet.pt", "monai:UNet", **MONAI_PARAMS)
@@ -450,6 +501,8 @@ def zoo_archives(root):
     if HAS_SCIPY:
         built["hf-mask2former"] = build("hf-mask2former", config, mask2former_folder(root / "m2f"), store,
                                         input_size=SIZE)
+        oneformer_folder(root / "oneformer")
+        built["hf-oneformer"] = build("hf-oneformer", config, root / "oneformer", store, input_size=SIZE)
     if HAS_EINOPS:
         built["monai-swinunetr"] = build("monai-swinunetr", config,
                                          state_file(root / "swin.pt", "monai:SwinUNETR", **SWIN_PARAMS), store,
@@ -476,6 +529,7 @@ def family_zoo(tmp_path_factory):
 
 SERVED = ["smp-unet", "hf-segformer", "monai-unet", "export",
           pytest.param("hf-mask2former", marks=pytest.mark.skipif(not HAS_SCIPY, reason="needs the hf extra's scipy")),
+          pytest.param("hf-oneformer", marks=pytest.mark.skipif(not HAS_SCIPY, reason="needs the hf extra's scipy")),
           pytest.param("monai-swinunetr",
                        marks=pytest.mark.skipif(not HAS_EINOPS, reason="needs the monai extra's einops"))]
 

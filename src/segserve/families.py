@@ -270,11 +270,25 @@ def _monai(arch: str, channels: int, /, **params: Any) -> nn.Module:
 
 
 # -- hf: a Hugging Face transformers semantic-segmentation model, from its save_pretrained folder ----------
-HF_CONFIG, HF_PROCESSOR = "config.json", "preprocessor_config.json"
+HF_CONFIG, HF_PROCESSOR, HF_PROCESSORS = "config.json", "preprocessor_config.json", "processor_config.json"
 # The model types whose output is per-query classes and masks (semantic maps made as their image processors'
-# post_process_semantic_segmentation makes them). OneFormer also needs tokenized task text; DETR panoptic
-# masks have no per-class map: neither is served.
-HF_QUERY_TYPES = ("mask2former", "maskformer")
+# post_process_semantic_segmentation makes them). DETR's panoptic masks have no per-class map: not served.
+HF_QUERY_TYPES = ("mask2former", "maskformer", "oneformer")
+# OneFormer is told its task by tokenized text: "the task is semantic", as OneFormerProcessor words it.
+ONEFORMER_TASK = "the task is semantic"
+
+
+class OneFormerSemantic(nn.Module):
+    """A OneFormer asked for semantic segmentation: its task tokens (read from the folder's tokenizer at build,
+    kept in arch_params) given with every batch, so the worker needs no tokenizer."""
+
+    def __init__(self, model: nn.Module, task_inputs: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("task_inputs", torch.tensor([task_inputs], dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(pixel_values=x, task_inputs=self.task_inputs.expand(x.shape[0], -1))
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -312,12 +326,18 @@ def _hf_config(transformers: Any, config: dict, channels: int | None = None) -> 
     return hf_config
 
 
-def _hf(_arch: str, channels: int, /, config: dict | None = None, **params: Any) -> nn.Module:
+def _hf(_arch: str, channels: int, /, config: dict | None = None, task_inputs: list[int] | None = None,
+        **params: Any) -> nn.Module:
     transformers = _library("transformers", "hf")
     if params:
-        raise ValueError(f"unknown arch_params for a Hugging Face model: {', '.join(params)} (only config)")
+        raise ValueError(f"unknown arch_params for a Hugging Face model: {', '.join(params)} (config, task_inputs)")
     hf_config = _hf_config(transformers, config, channels)
-    return _hf_auto_class(transformers, hf_config.model_type).from_config(hf_config)
+    model = _hf_auto_class(transformers, hf_config.model_type).from_config(hf_config)
+    if hf_config.model_type == "oneformer":
+        if not task_inputs:
+            raise ValueError("a OneFormer needs arch_params.task_inputs (build_mar.sh reads them from its folder)")
+        return OneFormerSemantic(model, task_inputs)
+    return model
 
 
 def _hf_logits(output: Any) -> torch.Tensor:
@@ -367,11 +387,30 @@ def read_hf_folder(folder: Path, params: dict) -> tuple[dict[str, torch.Tensor],
     id2label = {int(key): value for key, value in hf_config.id2label.items()}
     classes = [str(id2label[index]) for index in sorted(id2label)] if len(id2label) >= 2 else None
     suggested = dict(arch_params={"config": config}, classes=classes)
-    processor = folder / HF_PROCESSOR
-    if processor.is_file():
-        suggested.update(_processor_settings(json.loads(processor.read_text())))
+    if hf_config.model_type == "oneformer":
+        task_inputs = _oneformer_task(transformers, folder)
+        suggested["arch_params"]["task_inputs"] = task_inputs
+        model = OneFormerSemantic(model, task_inputs)
+    if (folder / HF_PROCESSOR).is_file():
+        suggested.update(_processor_settings(json.loads((folder / HF_PROCESSOR).read_text())))
+    elif (folder / HF_PROCESSORS).is_file():  # a processor's (image processor and tokenizer) settings
+        image_processor = json.loads((folder / HF_PROCESSORS).read_text()).get("image_processor")
+        suggested.update(_processor_settings(image_processor) if isinstance(image_processor, dict) else {})
     state = {key: value.detach() for key, value in model.state_dict().items()}
     return state, Suggested(**suggested)
+
+
+def _oneformer_task(transformers: Any, folder: Path) -> list[int]:
+    """The semantic task's tokens, as the folder's OneFormerProcessor makes them (its tokenizer, padded to its
+    task_seq_length)."""
+    try:
+        processor = transformers.OneFormerProcessor.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"a OneFormer folder needs its processor beside the model (its tokenizer words the task): "
+                         f"processor.save_pretrained(folder) ({str(exc).splitlines()[0]})") from None
+    # OneFormerProcessor's own task encoding (it is what its __call__ does with task_inputs).
+    tokens = processor._preprocess_text([ONEFORMER_TASK], max_length=processor.task_seq_length)
+    return [int(v) for v in tokens[0]]
 
 
 def _processor_settings(doc: dict) -> dict:
