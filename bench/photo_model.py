@@ -10,6 +10,8 @@ regions that follow the objects, with 1-4% of logit pixels on a class boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,13 +26,13 @@ FIT_SIZE = (195, 260)  # (height, width): small enough to fit in seconds on 2 co
 FIT_PHOTOS, FIT_STEPS = 8, 40
 
 
-def _batch(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(seeds: range, size: tuple[int, int] = FIT_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Model inputs as the archives make them (transforms.to_model_input), and labels at the same size."""
     inputs, labels = [], []
     for seed in seeds:
         image, label = photo_and_labels(seed)
-        inputs.append(to_model_input(image, FIT_SIZE, IMAGENET_MEAN, IMAGENET_STD))
-        labels.append(torch.from_numpy(np.array(Image.fromarray(label).resize(FIT_SIZE[::-1],
+        inputs.append(to_model_input(image, size, IMAGENET_MEAN, IMAGENET_STD))
+        labels.append(torch.from_numpy(np.array(Image.fromarray(label).resize(size[::-1],
                                                                                Image.Resampling.NEAREST))))
     return torch.stack(inputs), torch.stack(labels).long()
 
@@ -63,6 +65,47 @@ def fit_photo_model(model: nn.Module, seed: int = 0) -> nn.Module:
     for _ in range(FIT_STEPS):
         logits = F.interpolate(head(head_input), size=FIT_SIZE, mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return model
+
+
+# Encoders that halve the input five times (smp's ResNets, SegFormer) need sides divisible by 32.
+FIT_SIZE_32 = (192, 256)
+
+
+def fit_classifier(model: nn.Module, classifier: nn.Conv2d, logits: Callable[[torch.Tensor], torch.Tensor],
+                   seed: int = 0) -> nn.Module:
+    """The same for any model whose last layer is a convolution (an smp model's segmentation head, a
+    SegFormer's decode_head.classifier): BatchNorm statistics recomputed on generated photos, then that
+    layer fitted to their drawn objects on the features it receives; `logits(x)` runs the model. Returns
+    the model in eval mode."""
+    torch.manual_seed(seed)
+    inputs, labels = _batch(range(1000, 1000 + FIT_PHOTOS), FIT_SIZE_32)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for start in range(0, FIT_PHOTOS, 4):
+            logits(inputs[start:start + 4])
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hook = classifier.register_forward_hook(lambda _module, args, _output: captured.append(args[0].detach()))
+    with torch.no_grad():
+        for start in range(0, FIT_PHOTOS, 4):
+            logits(inputs[start:start + 4])
+    hook.remove()
+    features = torch.cat(captured)
+    parameters = list(classifier.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=0.01)
+    for _ in range(FIT_STEPS):
+        out = F.interpolate(classifier(features), size=FIT_SIZE_32, mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(out, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

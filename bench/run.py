@@ -7,6 +7,7 @@ machine that ran them. Results: bench/results/<name>.json and .png, and a table 
     python bench/run.py --quick               # a smoke run (a few requests per level)
     python bench/run.py --workloads lraspp --concurrency 1,4,16 --requests 64
     python bench/run.py --batch-size 32 --batch-delay 10    # with CUDA: deeplabv3_mobilenet_v3_large, 512 px
+    python bench/run.py --workloads smp-unet,segformer      # the model families: smp U-Net, SegFormer-b0
 
 Contenders:
   forward   the model alone: forward passes of ready-made input batches of the same size (GPU default)
@@ -73,6 +74,40 @@ class StockModel({cls}):
 # The photo workloads: torchvision architectures on 1280x960 JPEG photos, against TorchServe's own handler.
 PHOTO_ARCHS = {"lraspp": ("lraspp_mobilenet_v3_large", "lraspp", "LRASPP"),
                "deeplabv3": ("deeplabv3_mobilenet_v3_large", "deeplabv3", "DeepLabV3")}
+# The model-family workloads, on the same photos: a segmentation_models_pytorch U-Net with a ResNet-34 encoder
+# and a Hugging Face SegFormer-b0 (SegformerConfig's defaults are b0's sizes), 21 classes. Stock TorchServe
+# serves them through a model file whose forward returns {"out": logits}, the dict its image_segmenter reads.
+FAMILY_WORKLOADS = ("smp-unet", "segformer")
+STOCK_SMP_UNET = '''
+import segmentation_models_pytorch as smp
+
+
+class StockModel(smp.Unet):
+    """smp's U-Net (resnet34 encoder, 21 classes) as TorchServe's image_segmenter reads it: {"out": logits}."""
+
+    def __init__(self):
+        super().__init__(encoder_name="resnet34", encoder_weights=None, classes=21)
+
+    def forward(self, x):
+        return {"out": super().forward(x)}
+'''
+STOCK_SEGFORMER = '''
+import json
+
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+CONFIG = json.loads({config!r})
+
+
+class StockModel(SegformerForSemanticSegmentation):
+    """SegFormer-b0 (21 classes) as TorchServe's image_segmenter reads it: {{"out": logits}} (at 1/4 of its input)."""
+
+    def __init__(self):
+        super().__init__(SegformerConfig.from_dict(CONFIG))
+
+    def forward(self, x):
+        return {{"out": super().forward(pixel_values=x).logits}}
+'''
 
 
 @dataclass
@@ -165,12 +200,58 @@ def photo_workload(name: str, store: Path, work: Path, config_path: Path, count:
                     description=f"{builder} (21 classes, {size} px input), 1280x960 JPEG photos")
 
 
-def stock_archive(name: str, store: Path, work: Path, config_path: Path, weights: Path) -> Path:
+def family_workload(name: str, store: Path, work: Path, config_path: Path, count: int, size: int) -> Workload:
+    """smp-unet or segformer (21 VOC classes, random weights with the classifier fitted in seconds to generated
+    photos: bench/photo_model.py) on the 1280x960 JPEG photos, built as a user builds them."""
+    import yaml
+
+    from bench.photo_model import fit_classifier
+    from segserve.families import build_model
+
+    # Photos are segmented whole, resized to the input, as the torchvision photo workloads are (tile=auto would cut
+    # a 1280x960 photo into windows at the smp family's defaults, which suit images at a fixed scale).
+    doc = yaml.safe_load(config_path.read_text())
+    max_pixels = ServingConfig.from_dict(doc["handler"]).limits.max_pixels
+    doc["handler"]["tiling"] = {**(doc["handler"].get("tiling") or {}), "auto_above_pixels": max_pixels}
+    config_path = work / f"{name}-config.yaml"
+    config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    torch.manual_seed(0)
+    weights = work / f"{name}.pt"
+    print(f"fitting the {name} classifier to generated photos ...", flush=True)
+    if name == "smp-unet":
+        model = build_model("smp:Unet", len(VOC_CLASSES), encoder_name="resnet34")
+        fit_classifier(model, model.segmentation_head[0], model)
+        torch.save(model.state_dict(), weights)
+        archive = build(name, config_path, weights, store, arch="smp:Unet", arch_params={"encoder_name": "resnet34"},
+                        classes=VOC_CLASSES, input_size=[size, size])
+        stock_model, description = STOCK_SMP_UNET, "smp U-Net, resnet34 encoder"
+    else:
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+        config = SegformerConfig(id2label=dict(enumerate(VOC_CLASSES)),
+                                 label2id={label: i for i, label in enumerate(VOC_CLASSES)})
+        model = SegformerForSemanticSegmentation(config)
+        fit_classifier(model, model.decode_head.classifier, lambda x: model(pixel_values=x).logits)
+        model.save_pretrained(work / "segformer-b0")  # what a fine-tuned SegFormer is shipped as
+        torch.save(model.state_dict(), weights)  # the stock recipe's --serialized-file
+        archive = build(name, config_path, work / "segformer-b0", store, input_size=[size, size])
+        stock_model = STOCK_SEGFORMER.format(config=config.to_json_string())
+        description = "Hugging Face SegFormer-b0 (its logits at 1/4 of the input)"
+    images = [photo_jpeg(seed) for seed in range(count)]
+    return Workload(name, images, "image/jpeg", archive,
+                    stock_archive=stock_archive(name, store, work, config_path, weights, stock_model),
+                    description=f"{description} (21 classes, {size} px input), 1280x960 JPEG photos")
+
+
+def stock_archive(name: str, store: Path, work: Path, config_path: Path, weights: Path,
+                  source: str | None = None) -> Path:
     """TorchServe's own recipe: --model-file + --serialized-file + --handler image_segmenter."""
-    builder, module, cls = PHOTO_ARCHS[name]
+    if source is None:
+        builder, module, cls = PHOTO_ARCHS[name]
+        source = STOCK_MODEL_FILE.format(builder=builder, module=module, cls=cls)
     model_file = work / f"stock_{name}" / "stock_model.py"
     model_file.parent.mkdir()
-    model_file.write_text(STOCK_MODEL_FILE.format(builder=builder, module=module, cls=cls))
+    model_file.write_text(source)
     # Same workers, batching and timeouts as ours (TorchServe's keys, before `handler:`): only the handler differs.
     config = work / "stock-config.yaml"
     ours = config_path.read_text().split("\nhandler:")[0]
@@ -416,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = GPU_ID is not None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="deeplabv3" if gpu else "segmenter,lraspp",
-                        help="segmenter, lraspp, deeplabv3 (comma-separated; default segmenter,lraspp, GPU: deeplabv3)")
+                        help="segmenter, lraspp, deeplabv3, smp-unet, segformer (comma-separated; default "
+                             "segmenter,lraspp, GPU: deeplabv3)")
     parser.add_argument("--contenders", default="forward,raw,segserve,stock" if gpu else "raw,segserve,stock",
                         help="forward, raw, segserve, stock (default raw,segserve,stock; GPU: all four)")
     parser.add_argument("--concurrency", default=None,
@@ -425,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8, help="distinct images per workload")
     parser.add_argument("--lraspp-size", type=int, default=520, help="LR-ASPP input size (px)")
     parser.add_argument("--deeplabv3-size", type=int, default=512, help="DeepLabV3 input size (px)")
+    parser.add_argument("--family-size", type=int, default=512, help="smp-unet and segformer input size (px)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="requests each server answers before it is measured (default 48, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 images, 6 requests per level, clients 1,4")
@@ -444,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     contenders = args.contenders.split(",")
     names = args.workloads.split(",")
-    unknown = set(names) - {"segmenter", *PHOTO_ARCHS} | set(contenders) - {"forward", "raw", "segserve", "stock"}
+    unknown = (set(names) - {"segmenter", *PHOTO_ARCHS, *FAMILY_WORKLOADS}
+               | set(contenders) - {"forward", "raw", "segserve", "stock"})
     if unknown:
         parser.error(f"unknown workload or contender: {', '.join(sorted(unknown))}")
 
@@ -462,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {"lraspp": args.lraspp_size, "deeplabv3": args.deeplabv3_size}
         workloads += [photo_workload(name, store, work, config_path, args.images, sizes[name])
                       for name in PHOTO_ARCHS if name in names]
+        workloads += [family_workload(name, store, work, config_path, args.images, args.family_size)
+                      for name in FAMILY_WORKLOADS if name in names]
         plan = [(w, c, level) for w in workloads for c in contenders for level in levels
                 if c != "stock" or w.stock_archive]
         bar = tqdm(total=len(plan), desc="benchmark", unit="level")

@@ -175,7 +175,7 @@ def faulty(ops_server, tmp_path_factory):
     exec(FAULTY, namespace)
     torch.save(namespace["Faulty"]().state_dict(), root / "faulty.pt")
     build("faulty", MODEL_CONFIG, root / "faulty.pt", ops_server.model_store, model_file=root / "faulty_model.py",
-          model_class="Faulty", classes=["background", "thing"], input_size=[32, 32])
+          model_class="Faulty", classes=["background", "thing"], input_size=[32, 32], trust_code=True)
     url = f"{ops_server.management_url}/models"
     response = requests.post(url, params={"url": "faulty.mar", "initial_workers": 1, "synchronous": "true"},
                              headers=ops_server.headers("management"), timeout=240)

@@ -75,7 +75,7 @@ DECODERS = ("auto", "pillow", "torchvision")
 
 # The keys each part of the `handler:` section may hold (arch_params is free-form: the architecture's kwargs).
 HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "postprocess", "runtime")
-MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights", "head")
+MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights", "head", "requires")
 CLASS_KEYS = ("name", "color")
 INPUT_KEYS = ("size", "mean", "std")
 LIMITS_KEYS = tuple(f.name for f in fields(Limits))
@@ -99,6 +99,8 @@ class ServingConfig:
     # channel; classes = background + the class) or multilabel (a sigmoid channel per class after background).
     head: str = "softmax"
     postprocess: PostProcessDefaults = PostProcessDefaults()
+    # The distributions the model's family imports and the versions it was built with ({name: version}).
+    requires: dict[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
     tiling: Tiling = Tiling()
     threads: int = 0
@@ -196,6 +198,7 @@ class ServingConfig:
             arch_params=dict(arch_params or {}),
             head=choice(model.get("head", "softmax"), HEADS, "handler.model.head"),
             postprocess=_postprocess(postprocess),
+            requires=_requires(model.get("requires")),
             classes=classes,
             input_size=input_size,
             mean=_triple(inp.get("mean", [0.485, 0.456, 0.406]), "handler.input.mean"),
@@ -289,6 +292,15 @@ def _size(value: Any, where: str) -> tuple[int, int]:
             and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)):
         raise ConfigError(f"{where} must be [height, width] in pixels (or one number for a square), got {value!r}")
     return value[0], value[1]
+
+
+def _requires(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+        raise ConfigError(f"handler.model.requires must map package names to versions, e.g. "
+                          f"{{segmentation-models-pytorch: '0.6.0'}}, got {value!r}")
+    return dict(value)
 
 
 def _tiling(section: dict, input_size: tuple[int, int]) -> Tiling:

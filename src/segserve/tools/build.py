@@ -6,7 +6,9 @@ is written, the weights are loaded strictly into the architecture and one
 forward pass checks the output: a wrong key, shape or class count fails here
 with a readable message instead of crash-looping a worker at serve time.
 Weights are never unpickled as code: state_dicts are read with safetensors or
-torch.load(weights_only=True) and stored in the archive as safetensors.
+torch.load(weights_only=True) and stored in the archive as safetensors. A file
+that is code (a --model-file, TorchScript, a torch.export program) is taken
+only with --trust-code. Nothing is downloaded (segserve.families.OFFLINE_ENV).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import importlib.machinery
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +35,7 @@ from safetensors.torch import save_file
 
 from .. import families, heads
 from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, whole_number
-from ..families import build_model, load_state_dict
+from ..families import MissingDependencyError, Suggested, build_model, load_state_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # segserve/
 REPO = PACKAGE_DIR.parents[1]
@@ -198,7 +202,8 @@ def check_model_file(config: ServingConfig, weights: Path) -> None:
     try:
         model = families.load_model(config, weights, "cpu")
     except Exception as exc:  # noqa: BLE001
-        raise BuildError(f"cannot load {family.name} file {weights}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BuildError(f"cannot load {family.name} file {weights}: {first}") from None
     check_output(model, config)
 
 
@@ -255,7 +260,7 @@ def make_config(base: Path, **overrides: Any) -> dict:
     section = copy.deepcopy(doc.get("handler") or {})
     model = section.setdefault("model", {})
     inp = section.setdefault("input", {})
-    for key in ("name", "version", "arch", "arch_params", "weights", "head"):
+    for key in ("name", "version", "arch", "arch_params", "weights", "head", "requires"):
         if overrides.get(key) is not None:
             model[key] = overrides[key]
     if overrides.get("classes") is not None:
@@ -269,49 +274,153 @@ def make_config(base: Path, **overrides: Any) -> dict:
     return doc
 
 
+# -- what the build takes -------------------------------------------------------------------------
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def plain_name(value: str, flag: str) -> str:
+    """A model or archive name: a file name in the export path and a URL segment, never a path."""
+    if not PLAIN_NAME.fullmatch(value or "") or ".." in value:
+        raise BuildError(f"{flag} must be a plain name (letters, digits, '.', '_', '-'; no '/', no '..'), "
+                         f"got {value!r}")
+    return value
+
+
+def model_module_name(model_file: Path, handler: Path) -> str:
+    """The module name a --model-file gets in the worker (its file name): refused when it would shadow a
+    module that exists there (stdlib, installed, the archive's own), or that module would shadow it."""
+    module = model_file.stem
+    if model_file.suffix != ".py" or not module.isidentifier():
+        raise BuildError(f"--model-file must be a .py file named like a Python module (e.g. my_model.py), "
+                         f"got {model_file.name}")
+    own = {model_file.parent.resolve(), Path.cwd().resolve()}
+    search = [entry for entry in sys.path if entry not in ("", ".") and Path(entry).resolve() not in own]
+    where = ("the standard library" if module in sys.stdlib_module_names or module in sys.builtin_module_names
+             else "the archive's own files" if module in ("segserve", handler.stem)
+             else "an installed package" if importlib.machinery.PathFinder.find_spec(module, search) else None)
+    if where:
+        raise BuildError(f"--model-file {model_file.name}: {where} has a module named {module!r}, which the "
+                         f"worker would import instead of your file (or your file instead of it): rename it, "
+                         f"e.g. {module}_model.py")
+    return module
+
+
+def code_refusal(family: families.Family, weights: Path, model_file: Path | None) -> str:
+    what = {"custom": f"--model-file {model_file or '(a custom model)'} is Python code",
+            "torchscript": f"{weights} is a TorchScript program",
+            "export": f"{weights} is a torch.export program, and torch.export.load can run code from such a file "
+                      "(it unpickles parts of it and evaluates its shape expressions)"}.get(family.name,
+                                                                                    f"{weights} is code")
+    return (f"{what}. An archive built from it runs that code when it is built and in every worker that loads it, "
+            f"with the worker's rights. If you trust the file, say so with --trust-code; a plain state_dict "
+            f"(--arch ... --weights weights.pt) needs no trust.")
+
+
+def parse_arch_params(items: list[str] | None) -> dict | None:
+    """--arch-param KEY=VALUE, repeated; VALUE read as YAML ([16, 32], 3, true, resnet34)."""
+    if not items:
+        return None
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise BuildError(f"--arch-param takes KEY=VALUE (e.g. encoder_name=resnet34), got {item!r}")
+        if key in params:
+            raise BuildError(f"--arch-param {key} is given twice")
+        try:
+            params[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise BuildError(f"--arch-param {key}: {value!r} is not a YAML value (a list is [16, 32])") from None
+    return params
+
+
 # -- the archive ---------------------------------------------------------------------------------
 def build(name: str, config_path: Path, weights: Path, export_path: Path, version: str | None = None,
           handler: Path | None = None, *, arch: str | None = None, arch_params: dict | None = None,
           model_file: Path | None = None, model_class: str | None = None, model_args: dict | None = None,
           classes: list | None = None, input_size: list[int] | None = None, mean: list[float] | None = None,
-          std: list[float] | None = None, archive_name: str | None = None, head: str | None = None) -> Path:
+          std: list[float] | None = None, archive_name: str | None = None, head: str | None = None,
+          trust_code: bool = False) -> Path:
     """Check the model, then write export_path/<archive_name or name>.mar."""
+    plain_name(name, "--name")
+    if archive_name is not None:
+        plain_name(archive_name, "--archive-name")
     weights = Path(weights)
-    if not weights.is_file():
+    if not weights.exists():
         raise BuildError(f"weights not found: {weights}" +
                          (" (run `make train` to create the default weights)" if arch is None else ""))
     handler = handler or REPO / "handler" / "segmenter_handler.py"
     if not handler.is_file():
         raise BuildError(f"handler not found: {handler}")
+    module = None
     if model_file is not None:  # the custom family's flags
-        if not Path(model_file).is_file():
+        model_file = Path(model_file)
+        if not model_file.is_file():
             raise BuildError(f"model file not found: {model_file}")
         if not model_class:
             raise BuildError("--model-file needs --model-class, the nn.Module subclass to build")
+        if arch not in (None, "custom"):
+            raise BuildError(f"--model-file is the custom family: drop --arch {arch}")
         arch = "custom"
-        arch_params = {"module": Path(model_file).stem, "class": model_class, "kwargs": model_args or {}}
+        module = model_module_name(model_file, handler)
+        arch_params = {"module": module, "class": model_class, "kwargs": {**(model_args or {}), **(arch_params or {})}}
     elif arch is None and (detected := families.detect(weights)) is not None:
         arch = detected.archs[0]
     base = ServingConfig.from_yaml(config_path)
     family = families.family_of(arch or base.arch)
-    state = read_state_dict(weights) if family.state_dict else None
-    if not family.state_dict:
-        arch_params = {}
+    if family.runs_code and not trust_code:  # before anything of the file is read or run
+        raise BuildError(code_refusal(family, weights, model_file))
+    defaults = family.build_defaults
+    if weights.is_dir() and defaults.read_weights is None:
+        raise BuildError(f"{weights} is a folder: --weights takes a file for {family.name} models (a Hugging Face "
+                         f"save_pretrained folder needs its {families.HF_CONFIG})")
+    state, suggested = None, Suggested()
+    try:
+        if defaults.read_weights is not None:
+            if not weights.is_dir():
+                raise BuildError(f"{family.name} models are read from their save_pretrained folder "
+                                 f"(config.json + model.safetensors): --weights FOLDER, got the file {weights}")
+            state, suggested = defaults.read_weights(weights, dict(arch_params or {}))
+            arch_params = suggested.arch_params
+        elif family.state_dict:
+            state = read_state_dict(weights)
+        else:
+            if arch_params:
+                raise BuildError(f"{family.name} files take no --arch-param: the file is the whole model")
+            arch_params = {}
+            if defaults.inspect_file is not None:
+                suggested = defaults.inspect_file(weights)
+        requires = families.requirements(family)
+    except (ValueError, MissingDependencyError) as exc:
+        raise BuildError(str(exc)) from None
+    except BuildError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreadable model file is a build error, said plainly
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise BuildError(f"cannot read {family.name} weights {weights}: {first}") from None
+    # A file that is the model (an exported program) may take one input size only.
+    if not family.state_dict and suggested.input_size and input_size and list(input_size) != list(suggested.input_size):
+        raise BuildError(f"the {family.name} file takes {suggested.input_size[0]}x{suggested.input_size[1]} "
+                         f"inputs: --input-size {input_size[0]}x{input_size[1]} cannot be served by it")
     tiling = None
     if arch is not None:  # chosen at build time: the family's defaults, unless told otherwise
-        defaults = family.build_defaults
+        classes = classes if classes is not None else suggested.classes
         if defaults.needs_classes and arch != base.arch and classes is None:
             raise BuildError(f"--classes is needed with --arch {arch}: the default classes belong to the default "
                              "model (give names, e.g. --classes background,road,car, or a .json/.txt file)")
-        input_size = input_size or _listed(defaults.input_size)
-        mean, std = mean or _listed(defaults.mean), std or _listed(defaults.std)
+        input_size = input_size or suggested.input_size or _listed(defaults.input_size)
+        mean = mean or suggested.mean or _listed(defaults.mean)
+        std = std or suggested.std or _listed(defaults.std)
         if defaults.whole_image:
             tiling = {"auto_above_pixels": base.limits.max_pixels}
         if defaults.params_from_state is not None and arch_params is None:
             arch_params = defaults.params_from_state(state)
+        if arch_params is None and arch != base.arch:
+            arch_params = {}  # never the base config's: those are the default model's
     arch = arch or base.arch
     if arch_params is None:
-        arch_params = dict(base.arch_params) if arch == base.arch else {}
+        arch_params = dict(base.arch_params)
     requested = head or _base_head(config_path)
     names = classes if classes is not None else [{"name": c.name, "color": list(c.color)} for c in base.classes]
     export_path.mkdir(parents=True, exist_ok=True)
@@ -321,23 +430,27 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
         shutil.copytree(PACKAGE_DIR, stage / "segserve",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SHIPPED))
         if model_file is not None:
-            shutil.copy2(model_file, stage / Path(model_file).name)
-        with _importable(stage, Path(model_file).stem if model_file else None):
+            shutil.copy2(model_file, stage / model_file.name)
+        with _importable(stage, module):
             # The head follows from the model's output channels and the class list (or --head).
-            if state is not None:
-                preferred = [heads.get(requested).channels(len(names)), len(names)] if requested else []
-                model = fitting_model(arch, arch_params, state, [*preferred, len(names), 1, len(names) - 1])
-                if model is None:  # fits none: say why for the class list as given (a softmax head's channels)
-                    check_fit(build_model(arch, len(names), **arch_params), state,
-                              f"architecture {arch!r} with {len(names)} output channels for the classes given")
-            else:
-                model = families.adapt(arch, family.load(weights, torch.device("cpu")))
+            try:
+                if state is not None:
+                    preferred = [heads.get(requested).channels(len(names)), len(names)] if requested else []
+                    model = fitting_model(arch, arch_params, state, [*preferred, len(names), 1, len(names) - 1])
+                    if model is None:  # fits none: say why for the class list as given (a softmax head's channels)
+                        check_fit(build_model(arch, len(names), **arch_params), state,
+                                  f"architecture {arch!r} with {len(names)} output channels for the classes given")
+                else:
+                    model = families.adapt(arch, family.load(weights, torch.device("cpu")))
+            except (ValueError, TypeError, ImportError) as exc:  # the family's or library's word on the params
+                raise BuildError(f"cannot build {arch} with arch_params {_shown(arch_params)}: {exc}"
+                                 f"{_extra_hint(family, exc)}") from None
             # The channels the forward pass gives, whatever the build was told (a model file may fix its own).
             channels = output_channels(model, tuple(input_size or base.input_size))
-            chosen, names = choose_head(names, requested, family.build_defaults.head, channels)
+            chosen, names = choose_head(names, requested, defaults.head, channels)
             doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
-                              weights=family.weights_file, classes=names, size=input_size, mean=mean, std=std,
-                              tiling=tiling, head=chosen)
+                              weights=family.weights_file, requires=requires or None, classes=names, size=input_size,
+                              mean=mean, std=std, tiling=tiling, head=chosen)
             try:
                 config = ServingConfig.from_dict(doc["handler"])
             except ConfigError as exc:
@@ -346,7 +459,11 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
                 check_model_file(config, weights)
                 shutil.copy2(weights, stage / config.weights)
             else:
-                check_state(config, state)
+                try:
+                    check_state(config, state)
+                except (ValueError, TypeError, ImportError) as exc:  # the family's or library's word on the params
+                    raise BuildError(f"cannot build {config.arch} with arch_params {_shown(config.arch_params)}: "
+                                     f"{exc}{_extra_hint(family, exc)}") from None
                 # Clones: safetensors refuses tensors that share memory (tied weights).
                 save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / config.weights))
         config_file = Path(tmp) / "model-config.yaml"
@@ -369,6 +486,22 @@ def _base_head(config_path: Path) -> str | None:
     """The head the base model-config.yaml sets itself (handler.model.head), if it does."""
     doc = yaml.safe_load(Path(config_path).read_text()) or {}
     return ((doc.get("handler") or {}).get("model") or {}).get("head")
+
+
+def _extra_hint(family: families.Family, exc: Exception) -> str:
+    """For an ImportError of a family's library: the extra that installs it."""
+    if isinstance(exc, ImportError) and family.extra and not isinstance(exc, MissingDependencyError):
+        return f" (segserve's {family.extra!r} extra installs what its models import: " \
+               f"{families.install_hint(family.extra)})"
+    return ""
+
+
+def _shown(params: dict) -> str:
+    """arch_params for a message: a Hugging Face config (a long dict) by its model type only."""
+    config = params.get("config")
+    if isinstance(config, dict):
+        params = {**params, "config": f"<{config.get('model_type')} config.json>"}
+    return str(params)
 
 
 def _listed(values: tuple | None) -> list | None:
@@ -423,15 +556,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default=None, help="model version (default: the config's, 1.0)")
     parser.add_argument("--archive-name", default=None, help="file name of the .mar without suffix (default: NAME)")
     parser.add_argument("--arch", default=None,
-                        help=f"architecture (default: the config's, unet; a TorchScript file is detected): one of "
-                             f"{', '.join(families.architectures())} (custom: give --model-file)")
-    parser.add_argument("--model-file", type=Path, default=None, help="your own architecture: a .py file")
+                        help=f"architecture (default: the config's, unet; a Hugging Face folder, an exported program "
+                             f"or a TorchScript file is detected): one of {', '.join(families.architectures())} "
+                             f"(--list-archs lists every one; custom: give --model-file)")
+    parser.add_argument("--arch-param", action="append", default=None, metavar="KEY=VALUE",
+                        help="a keyword argument of the architecture, VALUE read as YAML, repeatable: "
+                             "--arch-param encoder_name=resnet34 --arch-param channels=[16,32,64]")
+    parser.add_argument("--model-file", type=Path, default=None,
+                        help="your own architecture: a .py file (code: needs --trust-code)")
     parser.add_argument("--model-class", default=None, help="the nn.Module class in --model-file")
     parser.add_argument("--model-args", type=json.loads, default=None,
                         help='JSON keyword arguments for --model-class, e.g. \'{"width": 32}\'')
+    parser.add_argument("--trust-code", action="store_true",
+                        help="take a model that is code (--model-file, TorchScript, a torch.export program): the "
+                             "archive runs it at build and in every worker")
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict (.pt/.pth, plain, {'state_dict': ...}/{'model': ...}, DataParallel "
-                             "'module.' prefixes) or .safetensors, or a TorchScript file (default: model/'s)")
+                             "'module.' prefixes) or .safetensors, a Hugging Face save_pretrained folder, a "
+                             "torch.export .pt2 or a TorchScript file (default: model/'s)")
     parser.add_argument("--classes", type=read_class_list, default=None,
                         help="class names, comma-separated, or a .json/.yaml/.txt file (names or {name, color})")
     parser.add_argument("--head", choices=heads.NAMES, default=None,
@@ -445,7 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "model" / "model-config.yaml",
                         help="base model-config.yaml (workers, batching, limits)")
     parser.add_argument("--export-path", type=Path, default=REPO / "model-store")
+    parser.add_argument("--list-archs", action="store_true", help="list every architecture name and exit")
     args = parser.parse_args(argv)
+    if args.list_archs:
+        for family, names in families.all_architectures().items():
+            print(f"{family}: {', '.join(names) if isinstance(names, list) else names}")
+        return 0
     try:
         weights = args.weights
         if weights is None:
@@ -453,16 +600,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise BuildError("--weights is needed with --arch or --model-file")
             weights = args.config.parent / ServingConfig.from_yaml(args.config).weights
         mar = build(args.name, args.config, weights, args.export_path, args.version, arch=args.arch,
-                    model_file=args.model_file, model_class=args.model_class, model_args=args.model_args,
-                    classes=args.classes, input_size=args.input_size, mean=args.mean, std=args.std,
-                    archive_name=args.archive_name, head=args.head)
+                    arch_params=parse_arch_params(args.arch_param), model_file=args.model_file,
+                    model_class=args.model_class, model_args=args.model_args, classes=args.classes,
+                    input_size=args.input_size, mean=args.mean, std=args.std, archive_name=args.archive_name,
+                    head=args.head, trust_code=args.trust_code)
     except (BuildError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"build_mar.sh: error: {exc}", file=sys.stderr)
         return 2
     config = ServingConfig.from_dict(yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"])
-    print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch}, "
-          f"{config.head} head, {config.num_classes} classes ({', '.join(config.class_names)}), input "
-          f"{config.input_size[0]}x{config.input_size[1]}")
+    print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch} "
+          f"({families.family_of(config.arch).name}), {config.head} head, {config.num_classes} classes "
+          f"({', '.join(config.class_names)}), input {config.input_size[0]}x{config.input_size[1]}")
     return 0
 
 

@@ -196,8 +196,12 @@ class TorchServe:
             text = f.read().decode(errors="replace")
         if "Traceback (most recent call last)" in text and "in initialize" in text:
             _wait_until_still(log)  # the traceback is still being written: let its last line (the error) in
-            raise ServerError(f"a worker of {model!r} failed while loading the model (TorchServe will keep "
-                              f"restarting it).\nWorker log ({log}):\n{self.log_tail('model_log.log', 40)}")
+            with log.open("rb") as f:
+                f.seek(start)
+                error = load_error(f.read().decode(errors="replace"))
+            raise ServerError(f"a worker of {model!r} failed while loading the model{f': {error}' if error else ''}"
+                              f"\n(TorchServe will keep restarting it.) Worker log ({log}):\n"
+                              f"{self.log_tail('model_log.log', 40)}")
 
     def registered_models(self, timeout: float = 120) -> list[str]:
         """Names of the models TorchServe has registered (waits for the management API)."""
@@ -259,6 +263,18 @@ def stop_process_group(pid: int, timeout: float = 30) -> bool:
     except ProcessLookupError:
         pass
     return True
+
+
+# The exception line that ends a traceback in the worker log, after TorchServe's prefix
+# ("2026-01-01T00:00:00,000 [INFO ] W-9000-segmenter_1.0-stdout MODEL_LOG - ValueError: ...").
+_EXCEPTION_LINE = re.compile(r"(?:^|\s)((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def load_error(log_text: str) -> str | None:
+    """The last exception a worker logged ("segserve.families.MissingDependencyError: ... install segserve's
+    'smp' extra ..."), the reason a model failed to load; None when there is none."""
+    found = [match for line in log_text.splitlines() if (match := _EXCEPTION_LINE.search(line))]
+    return f"{found[-1][1]}: {found[-1][2]}" if found else None
 
 
 def _wait_until_still(path: Path, quiet: float = 0.5, timeout: float = 5) -> None:
