@@ -21,9 +21,11 @@ Environment (defaults in brackets):
     SEGSERVE_TOKEN_AUTH       [true]  "false" turns TorchServe's token auth off (private networks only)
     SEGSERVE_WORKDIR          [current directory]  everything TorchServe writes: key_file.json, config.properties,
                               logs/ (LOG_LOCATION, METRICS_LOCATION) and tmp/ (TEMP, TMPDIR), unless those are set
-    SEGSERVE_DRAIN_SECONDS    [6]  on SIGTERM, how long requests in flight may take to finish before TorchServe
-                              stops (keep it under the engine's stop timeout: Docker's is 10 s)
-Any TS_<KEY> variable overrides <key> of the written config.properties (enable_envvars_config).
+    SEGSERVE_DRAIN_SECONDS    [5]  on SIGTERM, how long requests in flight may take to finish before TorchServe
+                              stops: its frontend then takes 2-4 s to stop, and Docker's and podman's stop
+                              timeout is 10 s (Kubernetes' terminationGracePeriodSeconds: 30 s)
+Any TS_<KEY> variable overrides <key> of the written config.properties (enable_envvars_config); the one
+exception to the naming in TorchServe 0.12 is token_expiration_min, read from TS_TOKEN_EXPIRATION_TIME_MIN.
 
 TorchServe runs as a child (PID 1 is tini in the image): on SIGTERM the entrypoint waits for the requests in
 flight, then stops TorchServe's frontend, which would otherwise drop them (see supervise).
@@ -55,7 +57,7 @@ DEFAULTS = {
     "SEGSERVE_WORKERS": "",
     "SEGSERVE_TOKEN_AUTH": "true",
     "SEGSERVE_WORKDIR": "",
-    "SEGSERVE_DRAIN_SECONDS": "6",
+    "SEGSERVE_DRAIN_SECONDS": "5",
 }
 
 

@@ -121,6 +121,15 @@ def test_probes_use_no_expiring_key_and_check_ready_workers():
     assert "Authorization" not in json.dumps(container)
 
 
+def test_sigterm_drain_fits_in_kubernetes_grace_period():
+    """The entrypoint's drain, then TorchServe's own 2-4 s stop, within the default 30 s grace period."""
+    (container,) = manifest("servingruntime.yaml")["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert float(env["SEGSERVE_DRAIN_SECONDS"]) + 5 <= 30
+    for name in ("inferenceservice.yaml", "inferenceservice-gpu.yaml"):
+        assert "terminationGracePeriodSeconds" not in manifest(name)["spec"]["predictor"]
+
+
 def test_autoscaling_target_is_the_concurrency_where_bench_throughput_peaks():
     """Knative's concurrency target per replica: the fewest concurrent clients at which the committed
     `make bench` run reached (within 10%) its best served images/s; more only queue."""
