@@ -14,7 +14,7 @@ SOAK_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench bench-tiling soak clean kserve-layout
+.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench bench-tiling soak clean kserve-layout image test-container
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -31,6 +31,9 @@ help:
 	@echo "make soak       16 clients of good and bad requests, kill -9 a worker, scale: bench/results/soak.json (~4 min)"
 	@echo "make lint       ruff and hadolint (Dockerfiles);  make fixup: ruff --fix + format"
 	@echo "make kserve-layout  kserve/config/config.properties + kserve/model-store/*.mar for KServe (docs/deploy.md)"
+	@echo "make image      build the CPU image $(IMAGE) with podman or docker and print its size (docs/deploy.md);"
+	@echo "                DOCKERFILE=docker/Dockerfile.gpu IMAGE=segserve:gpu for the CUDA one"
+	@echo "make test-container  build the image, run it and test it (requests, health, scaling, SIGTERM; ~5 min)"
 
 install: $(STAMP)
 
@@ -95,6 +98,30 @@ fixup: $(STAMP)
 # KSERVE_WORKERS=N: workers per replica (default: the archive's minWorkers/maxWorkers).
 kserve-layout: $(MAR) config.properties
 	$(PY) -m segserve.tools.deploy kserve-layout --out kserve --config config.properties --mar $(MAR) $(if $(KSERVE_WORKERS),--workers $(KSERVE_WORKERS))
+
+# Container images (docs/deploy.md). The build arguments have public defaults in the Dockerfiles; set them
+# to build without registry access, e.g. IMAGE_BASE=<local Debian 12 image> TORCH_INDEX_URL= (empty: pip's
+# own index) IMAGE_BUILD_FLAGS="<engine flags, e.g. volumes for a local wheel folder>".
+CONTAINER_ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+DOCKERFILE ?= docker/Dockerfile
+IMAGE ?= segserve:cpu
+IMAGE_BASE ?=
+IMAGE_BUILD_FLAGS ?=
+# podman keeps HEALTHCHECK only in the docker image format; TORCH_INDEX_URL passes even when set empty.
+IMAGE_BUILD_ARGS = $(if $(findstring podman,$(notdir $(CONTAINER_ENGINE))),--format docker) \
+	$(if $(IMAGE_BASE),--build-arg BASE_IMAGE=$(IMAGE_BASE)) \
+	$(if $(filter undefined,$(origin TORCH_INDEX_URL)),,--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) \
+	$(IMAGE_BUILD_FLAGS)
+
+image:
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image needs podman or docker on the PATH"; exit 1; }
+	$(CONTAINER_ENGINE) build $(IMAGE_BUILD_ARGS) -f $(DOCKERFILE) -t $(IMAGE) .
+	@$(CONTAINER_ENGINE) image inspect $(IMAGE) --format '{{.Size}}' | awk '{printf "$(IMAGE): %.2f GB\n", $$1 / 1e9}'
+
+# The `container` tests (tests/test_container.py) on the image `make image` builds; they skip without an engine.
+test-container: $(STAMP) image
+	SEGSERVE_CONTAINER_TESTS=1 SEGSERVE_TEST_IMAGE=$(IMAGE) CONTAINER_ENGINE=$(CONTAINER_ENGINE) \
+		$(PY) -m pytest -m container $(PYTEST_ARGS)
 
 clean:
 	rm -rf model-store run kserve .pytest_cache

@@ -1,5 +1,6 @@
-"""KServe: the manifests against KServe's CRD schemas (offline), and TorchServe started on the
-`make kserve-layout` layout exactly as KServe's TorchServe runtime starts it."""
+"""KServe: the manifests against KServe's CRD schemas and Kubernetes' core schemas (offline), what a
+hardened cluster asks of them, and TorchServe started on the `make kserve-layout` layout exactly as KServe's
+TorchServe runtime starts it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ from segserve.tools.synthetic import generate_scene
 from segserve.tools.torchserve_config import read_properties
 
 KSERVE = REPO / "deploy" / "kserve"
-SCHEMAS = {"InferenceService": "inferenceservice-v1beta1.json", "ServingRuntime": "servingruntime-v1alpha1.json"}
+SCHEMAS = {"InferenceService": "inferenceservice-v1beta1.json", "ServingRuntime": "servingruntime-v1alpha1.json",
+           "NetworkPolicy": "networkpolicy-networking-v1.json"}
+API_VERSIONS = {"InferenceService": "serving.kserve.io/v1beta1", "ServingRuntime": "serving.kserve.io/v1alpha1",
+                "NetworkPolicy": "networking.k8s.io/v1"}
+BENCH = REPO / "docs" / "bench" / "cpu-redesign.json"  # the committed `make bench` run docs/performance.md reports
 MANIFESTS = sorted(KSERVE.glob("*.yaml"))
 # Kubernetes object names (DNS-1035 labels for Services, which KServe creates from the name).
 NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -54,7 +59,7 @@ def test_manifest_is_valid_against_kserve_crd_schema(path):
     schema = json.loads((KSERVE / "schema" / SCHEMAS[doc["kind"]]).read_text())
     jsonschema.validate(doc, schema)  # types, required fields, resource quantity patterns, enums
     assert unknown_fields(doc, schema) == [], "re-run deploy/kserve/schema/vendor.py after adding fields"
-    assert doc["apiVersion"] == f"serving.kserve.io/{SCHEMAS[doc['kind']].split('-')[1][:-5]}"
+    assert doc["apiVersion"] == API_VERSIONS[doc["kind"]]
     metadata = doc["metadata"]
     assert NAME.match(metadata["name"]) and len(metadata["name"]) <= 45
     assert all(isinstance(v, str) for v in (metadata.get("annotations") or {}).values()), "quote annotation values"
@@ -77,6 +82,81 @@ def test_inference_services_use_our_runtime_with_v2_and_limits():
         assert "serviceEnvelope" not in (doc["metadata"].get("labels") or {})  # kservev2 breaks batching
     gpu = yaml.safe_load((KSERVE / "inferenceservice-gpu.yaml").read_text())["spec"]["predictor"]["model"]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((KSERVE / name).read_text())
+
+
+def test_runtime_container_is_hardened_as_the_restricted_pod_security_standard_asks():
+    runtime = manifest("servingruntime.yaml")["spec"]
+    (container,) = runtime["containers"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000  # the image's USER
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "privileged" not in security  # Knative before 1.17 refuses the field even when false
+    # Writable: only the emptyDirs, where TorchServe writes (the entrypoint's SEGSERVE_WORKDIR and /tmp).
+    image_env = dict(re.findall(r"(SEGSERVE_WORKDIR)=(\S+)", (REPO / "docker" / "Dockerfile").read_text()))
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert set(mounts) == {image_env["SEGSERVE_WORKDIR"], "/tmp"}
+    assert {v["name"] for v in runtime["volumes"] if "emptyDir" in v} == set(mounts.values())
+    for name in ("inferenceservice.yaml", "inferenceservice-gpu.yaml"):
+        predictor = manifest(name)["spec"]["predictor"]
+        assert predictor["automountServiceAccountToken"] is False
+        assert "securityContext" not in predictor["model"]  # the runtime's applies, not replaced
+
+
+def test_probes_use_no_expiring_key_and_check_ready_workers():
+    (container,) = manifest("servingruntime.yaml")["spec"]["containers"]
+    probe = ["python", "-m", "segserve.tools.probe"]
+    assert container["startupProbe"]["exec"]["command"] == probe
+    assert container["readinessProbe"]["exec"]["command"] == probe  # READY workers, not /ping alone
+    assert container["livenessProbe"]["exec"]["command"] == [*probe, "--ping-only"]
+    # The model may take a while to load: the startup probe's window covers the archive's startupTimeout.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 2 * yaml.safe_load(
+        (REPO / "model" / "model-config.yaml").read_text())["startupTimeout"]
+    # No key in the pod: KServe's layout turns token auth off; the probe renews a key if it were on.
+    assert "Authorization" not in json.dumps(container)
+
+
+def test_sigterm_drain_fits_in_kubernetes_grace_period():
+    """The entrypoint's drain, then TorchServe's own 2-4 s stop, within the default 30 s grace period."""
+    (container,) = manifest("servingruntime.yaml")["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert float(env["SEGSERVE_DRAIN_SECONDS"]) + 5 <= 30
+    for name in ("inferenceservice.yaml", "inferenceservice-gpu.yaml"):
+        assert "terminationGracePeriodSeconds" not in manifest(name)["spec"]["predictor"]
+
+
+def test_autoscaling_target_is_the_concurrency_where_bench_throughput_peaks():
+    """Knative's concurrency target per replica: the fewest concurrent clients at which the committed
+    `make bench` run reached (within 10%) its best served images/s; more only queue."""
+    results = [r for r in json.loads(BENCH.read_text())["results"]
+               if r["workload"] == "segmenter" and r["contender"] == "segserve"]
+    best = max(r["images_per_s"] for r in results)
+    target = min(r["concurrency"] for r in results if r["images_per_s"] >= 0.9 * best)
+    predictor = manifest("inferenceservice.yaml")["spec"]["predictor"]
+    assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] == target
+    # The bench ran on 2 cores with one worker: the replica's CPU is what the target was measured on.
+    assert json.loads(BENCH.read_text())["machine"]["cpus"] == int(predictor["model"]["resources"]["limits"]["cpu"])
+
+
+def test_network_policy_admits_only_the_inference_port_of_our_pods():
+    policy = manifest("networkpolicy.yaml")["spec"]
+    (container,) = manifest("servingruntime.yaml")["spec"]["containers"]
+    (inference_port,) = [p["containerPort"] for p in container["ports"]]
+    names = {manifest(n)["metadata"]["name"] for n in ("inferenceservice.yaml", "inferenceservice-gpu.yaml")}
+    (selector,) = policy["podSelector"]["matchExpressions"]
+    assert selector["key"] == "serving.kserve.io/inferenceservice" and set(selector["values"]) == names
+    assert policy["policyTypes"] == ["Ingress"]
+    open_to_all, autoscaler = policy["ingress"]
+    assert "from" not in open_to_all and {p["port"] for p in open_to_all["ports"]} == {inference_port, 8012}
+    assert autoscaler["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "knative-serving"}}}] and [p["port"] for p in autoscaler["ports"]] == [9090]
+    metrics_port = int(manifest("servingruntime.yaml")["spec"]["annotations"]["prometheus.kserve.io/port"])
+    assert metrics_port not in {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
 
 
 def test_layout_has_what_kserve_reads(tmp_path, model_store):

@@ -7,7 +7,6 @@ segserve.tools.torchserve_config), so several can run side by side.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 import requests
 
 from . import torchserve_config
+from .probe import KeyFile, ProbeError
 
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc_inference": 7070, "grpc_management": 7071}
@@ -139,19 +139,20 @@ class TorchServe:
 
     # -- tokens -----------------------------------------------------------------------------
     def keys(self, timeout: float = 60) -> dict[str, str]:
-        """The inference and management keys TorchServe wrote to key_file.json."""
+        """Valid inference and management keys from key_file.json: a key past TorchServe's token_expiration_min
+        is renewed first with the file's non-expiring API key (segserve.tools.probe.KeyFile)."""
         path = self.workdir / "key_file.json"
+        keys = KeyFile(path, self.management_url, cafile=str(self.verify) if self.tls else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if path.is_file():
                 try:
-                    doc = json.loads(path.read_text())
-                    return {"inference": doc["inference"]["key"], "management": doc["management"]["key"]}
-                except (ValueError, KeyError):
-                    pass  # being written
+                    return {api: keys.key(api) for api in ("inference", "management")}
+                except ProbeError:
+                    pass  # being written, or the management API is not up yet for a renewal
             self._check_alive()
             time.sleep(0.2)
-        raise ServerError(f"TorchServe wrote no {path} within {timeout:.0f}s; see {self.log_dir}/torchserve.out")
+        raise ServerError(f"TorchServe wrote no usable {path} within {timeout:.0f}s; see {self.log_dir}/torchserve.out")
 
     def headers(self, api: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()[api]}"}
