@@ -16,7 +16,7 @@ from typing import Any
 
 from . import formats
 from .config import ServingConfig
-from .errors import InvalidOption
+from .errors import InvalidOption, shown
 
 OPTION_NAMES = ("format", "classes", "min_area", "tile")
 # Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
@@ -58,7 +58,7 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
     fields = raw_options(inputs)
     unknown = sorted(set(fields) - set(OPTION_NAMES))
     if unknown:
-        raise InvalidOption(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
+        raise InvalidOption(f"unknown option {shown(unknown[0])}; the options are: {', '.join(OPTION_NAMES)}")
     return Options(format=_format(fields.get("format"), headers),
                    classes=parse_classes(fields.get("classes"), config),
                    min_area=_min_area(fields.get("min_area")),
@@ -71,7 +71,7 @@ def _format(value: Any, headers: dict[str, Any]) -> str:
     if value is not None:
         name = str(value).strip().lower()
         if name not in formats.REGISTRY:
-            raise InvalidOption(f"format={name!r} is not supported; use one of: {', '.join(formats.REGISTRY)}")
+            raise InvalidOption(f"format={shown(name)} is not supported; use one of: {', '.join(formats.REGISTRY)}")
         return name
     negotiated = formats.for_accept(request_header(headers, "accept") or "")
     return negotiated.name if negotiated is not None else formats.DEFAULT
@@ -87,10 +87,11 @@ def parse_classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
         item = str(item).strip()
         if item in by_name:
             ids.append(by_name[item])
-        elif item.isdigit() and int(item) < config.num_classes:
+        elif item.isascii() and item.isdigit() and len(item) <= 3 and int(item) < config.num_classes:
+            # ASCII digits only (str.isdigit takes "²", which int() refuses); at most 256 classes
             ids.append(int(item))
         else:
-            raise InvalidOption(f"classes: {item!r} is not a class of this model; use names or ids from: "
+            raise InvalidOption(f"classes: {shown(item)} is not a class of this model; use names or ids from: "
                                 + ", ".join(f"{c.id}={c.name}" for c in config.classes))
     return tuple(sorted(set(ids)))
 
@@ -98,13 +99,13 @@ def parse_classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
 def _min_area(value: Any) -> int:
     if value is None or value == "":
         return 0
-    try:
-        area = int(str(value).strip())
-    except ValueError:
-        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}") from None
-    if area < 0:
-        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {value!r}")
-    return area
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value) if value.bit_length() < 60 else ""
+    else:
+        text = value.strip() if isinstance(value, str) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # "²" and 5000 digits are no pixel counts
+        raise InvalidOption(f"min_area must be a whole number of pixels >= 0, got {shown(value)}")
+    return int(text)
 
 
 def _tile(value: Any) -> str:
@@ -112,5 +113,5 @@ def _tile(value: Any) -> str:
         return "auto"
     mode = str(value).strip().lower()
     if mode not in TILE_MODES:
-        raise InvalidOption(f"tile={mode!r} is not supported; use one of: {', '.join(TILE_MODES)}")
+        raise InvalidOption(f"tile={shown(mode)} is not supported; use one of: {', '.join(TILE_MODES)}")
     return mode
