@@ -180,12 +180,14 @@ def check_fields(inputs: dict[str, Any], limits: Limits) -> None:
     """Refuse (400) a request with more fields than max_fields, or an option value longer than max_option_bytes,
     before any field is parsed: a form of 400,000 empty fields costs nothing more than its 400."""
     body = inputs.get("body")
-    fields = [(key, value) for key, value in inputs.items() if key not in IMAGE_FIELDS]
-    if isinstance(body, dict) and not isinstance(body.get("inputs"), list):  # a JSON body's options (not v2)
-        fields += [(key, value) for key, value in body.items() if key != "image"]
-    if len(fields) > limits.max_fields:
-        raise BadRequest(f"the request has {len(fields)} fields besides the image; the limit is {limits.max_fields} "
+    options = body if isinstance(body, dict) and not isinstance(body.get("inputs"), list) else {}  # not v2's
+    count = (len(inputs) - sum(key in inputs for key in IMAGE_FIELDS)
+             + len(options) - ("image" in options))  # counted, not listed: 400,000 fields must cost nothing
+    if count > limits.max_fields:
+        raise BadRequest(f"the request has {count} fields besides the image; the limit is {limits.max_fields} "
                          "(max_fields): send the image and the options it needs (format, classes, min_area, tile)")
+    fields = [*((k, v) for k, v in inputs.items() if k not in IMAGE_FIELDS),
+              *((k, v) for k, v in options.items() if k != "image")]
     for key, value in fields:
         size = len(value) if isinstance(value, (str, bytes, bytearray, list, dict)) else 0
         if size > limits.max_option_bytes:
