@@ -133,6 +133,92 @@ HUGE_PATCHERS: dict[str, Callable[[bytes, int, int], bytes]] = {
 }
 
 
+# -- valid files that are expensive to serve: each must meet a limit (docs/resilience.md) -------------------
+def zero_png(width: int, height: int, mode: str = "L") -> bytes:
+    """A complete PNG of zeros (8-bit gray, or 1-bit with mode "1"), compressed a band at a time: a 1 x 40,000,000
+    image is ~80 MB of rows but ~80 KB of file."""
+    depth, row_bytes = (1, -(-width // 8)) if mode == "1" else (8, width)
+    header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + row_bytes)  # filter byte, pixels
+    band = max(1, (1 << 22) // len(row))
+    parts = [packer.compress(row * min(band, height - top)) for top in range(0, height, band)]
+    data = b"".join(parts) + packer.flush()
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO file whose one entry is `png` (ICO keeps PNGs whole; Pillow decodes the entry inside Image.open)."""
+    width, height = struct.unpack_from(">II", png, 16)  # IHDR's; an entry says 0 for 256 and more
+    entry = struct.pack("<BBBBHHII", width if width < 256 else 0, height if height < 256 else 0, 0, 0, 1, 32,
+                        len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def many_scans_jpeg(scans: int, size: tuple[int, int] = (2048, 2048)) -> bytes:
+    """A progressive JPEG of a flat image whose last scan (an AC refinement: a dozen bytes, all end-of-band runs)
+    is repeated until it has `scans` scans: libjpeg decodes each one over every block of the image, and Pillow
+    tells nothing of them before decoding. 2000 scans of 2048 x 2048 are 57 KB."""
+    data = encode_with(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True, quality=90)
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    have = data.count(b"\xff\xda")
+    return data[:end] + data[last:end] * max(0, scans - have) + data[end:]
+
+
+def many_strips_tiff(strips: int) -> bytes:
+    """An uncompressed 1-pixel-wide gray TIFF of `strips` rows, one strip per row: Pillow makes a decoder call
+    per strip (400,000 strips are 3.6 MB). Written by hand: Pillow's writer picks its own strip size."""
+    tags = [(256, 4, 1, 1), (257, 4, 1, strips), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, strips, None), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, None)]
+    ifd_size = 2 + 12 * len(tags) + 4
+    offsets_at = 8 + ifd_size
+    counts_at = offsets_at + 4 * strips
+    data_at = counts_at + 4 * strips
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        value = {273: offsets_at, 279: counts_at}.get(tag, value)
+        ifd += struct.pack("<HHII", tag, kind, count, value) if kind == 4 else struct.pack("<HHIHH", tag, kind,
+                                                                                              count, value, 0)
+    offsets = np.arange(data_at, data_at + strips, dtype="<u4").tobytes()
+    counts = np.ones(strips, dtype="<u4").tobytes()
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + offsets + counts + b"\x80" * strips
+
+
+def encode_with(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def other_format(fmt: str, seed: int = 0) -> bytes:
+    """A small valid image in a format Pillow reads but segserve does not accept by default (415)."""
+    pixels, _ = generate_scene(seed, (48, 64))
+    image = Image.fromarray(pixels)
+    if fmt == "ICO":
+        return ico_holding(encode_with(image, "PNG"))
+    return encode_with(image.convert("RGBA") if fmt == "ICNS" else image, fmt)
+
+
+def lattice_png(width: int, height: int) -> bytes:
+    """An RGB checkerboard of single pixels, red and blue: the mask that makes contour tracing slowest (a hole at
+    every other pixel) when a model answers the brightest channel."""
+    y, x = np.indices((height, width))
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = np.where((x + y) % 2 == 0, 255, 0)
+    pixels[..., 2] = 255 - pixels[..., 0]
+    return encode_with(Image.fromarray(pixels), "PNG")
+
+
+def noise_image(width: int, height: int, seed: int = 0, fmt: str = "PNG", **params) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode_with(Image.fromarray(pixels), fmt, **params)
+
+
+def url_encoded_fields(count: int) -> bytes:
+    """A form of `count` empty fields with distinct names: 400,000 of them are ~3.5 MB."""
+    return b"&".join(b"f%d=" % index for index in range(count))
+
+
 # -- mutations of valid images ---------------------------------------------------------------------------
 def bit_flips(rng: random.Random, data: bytes) -> bytes:
     out = bytearray(data)
