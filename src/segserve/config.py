@@ -54,7 +54,7 @@ class Limits:
     max_windows: int = 1_500
     # format=polygons: rings (outlines and holes) traced per request, counted before tracing (tracing time grows
     # faster than their number), and vertices answered.
-    max_polygon_rings: int = 100_000
+    max_polygon_rings: int = 50_000
     max_polygon_vertices: int = 1_000_000
     # One request's estimated peak memory (pixels x bytes per pixel of its path and format), bytes.
     max_request_memory: int = 2_000_000_000
