@@ -265,6 +265,7 @@ def raw(name: str, body: bytes, content_type: str | None, expect: frozenset[int]
 BAD = frozenset({400})
 TOO_LARGE = frozenset({413})
 UNSUPPORTED = frozenset({415})
+OK = frozenset({200})
 
 
 def case_truncated(rng: random.Random) -> Case:
@@ -450,6 +451,120 @@ def case_valid(rng: random.Random) -> Case:
     return raw(f"valid {fmt}", data, MEDIA[fmt], frozenset({200}))
 
 
+# -- expensive but valid files: each meets its limit (docs/resilience.md), or is served when within them ----
+@cache
+def expensive_bodies() -> dict[str, tuple[bytes, dict[str, str], frozenset[int]]]:
+    """name -> (body, headers, the statuses it must get): small enough to send hundreds of times."""
+    octet = {"Content-Type": "application/octet-stream"}
+    noise = noise_image(128, 128)
+    polygons, polygons_type = multipart({"data": ("noise.png", noise, "image/png"), "format": "polygons",
+                                         "tile": "on"})
+    overlay, overlay_type = multipart({"data": ("noise.jpg", noise_image(1000, 800, fmt="JPEG", quality=40),
+                                                "image/jpeg"), "format": "overlay", "tile": "off"})
+    v2_big = json.dumps({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES",
+                                     "data": [base64.b64encode(zero_png(6000, 5000)).decode()]}]}).encode()
+    return {
+        "ICO holding a 13000 x 13000 PNG": (ico_holding(zero_png(13000, 13000, "1")), octet, UNSUPPORTED),
+        "JPEG 2000": (other_format("JPEG2000"), octet, UNSUPPORTED),
+        "QOI": (other_format("QOI"), octet, UNSUPPORTED),
+        "progressive JPEG of 300 scans": (many_scans_jpeg(300, (512, 512)), octet, TOO_LARGE),
+        "progressive JPEG of 40 scans (within the limit)": (many_scans_jpeg(40, (256, 256)), octet, OK),
+        "TIFF of 60,000 strips": (many_strips_tiff(60_000), octet, TOO_LARGE),
+        "TIFF of 2,000 strips (within the limit)": (many_strips_tiff(2_000), octet, OK),
+        "PNG 1 x 2,000,000 (10,417 windows)": (zero_png(1, 2_000_000), octet, TOO_LARGE),
+        "PNG 200,000 x 200 (tiled band memory)": (zero_png(200_000, 200), octet, TOO_LARGE),
+        "v2 JSON tensor of 30 Mpx": (v2_big, {"Content-Type": "application/json"}, TOO_LARGE),
+        "polygons of noise 128 x 128, tiled (within the limits)": (polygons, {"Content-Type": polygons_type}, OK),
+        "overlay of a 1000 x 800 photo (within the limits)": (overlay, {"Content-Type": overlay_type}, OK),
+        "url-encoded form of 20,000 empty fields": (url_encoded_fields(20_000),
+                                                    {"Content-Type": "application/x-www-form-urlencoded"}, BAD),
+    }
+
+
+def case_expensive(rng: random.Random) -> Case:
+    name, (body, headers, expect) = rng.choice(sorted(expensive_bodies().items()))
+    return Case(f"expensive: {name}", body, dict(headers), expect)
+
+
+def case_expensive_refused(rng: random.Random) -> Case:
+    """The expensive cases whose answer is always a 4xx (the soak's bad requests)."""
+    refused = sorted((name, case) for name, case in expensive_bodies().items() if 200 not in case[2])
+    name, (body, headers, expect) = rng.choice(refused)
+    return Case(f"expensive: {name}", body, dict(headers), expect)
+
+
+# -- v2 (Open Inference Protocol) bodies with fields of the wrong kind --------------------------------------
+V2_BAD_FIELDS: list[tuple[str, Callable[[dict], None]]] = [
+    ('"parameters": [1]', lambda doc: doc.update(parameters=[1])),
+    ('"parameters": "x"', lambda doc: doc.update(parameters="x")),
+    ('"outputs": 5', lambda doc: doc.update(outputs=5)),
+    ('"outputs": [5]', lambda doc: doc.update(outputs=[5])),
+    ('"outputs": {"name": "mask"}', lambda doc: doc.update(outputs={"name": "mask"})),
+    ("an output's parameters [1]", lambda doc: doc.update(outputs=[{"name": "mask", "parameters": [1]}])),
+    ('"id": 5', lambda doc: doc.update(id=5)),
+    ('"id": []', lambda doc: doc.update(id=[])),
+    ("an id of 10,000 characters", lambda doc: doc.update(id="x" * 10_000)),
+    ('"binary_data_output": "yes"', lambda doc: doc.update(parameters={"binary_data_output": "yes"})),
+    ('"format": 5', lambda doc: doc.update(parameters={"format": 5})),
+    ('"format": "gif"', lambda doc: doc.update(parameters={"format": "gif"})),
+    ('"classes": "²"', lambda doc: doc.update(parameters={"classes": "²"})),
+    ('"classes": "9" x 5000', lambda doc: doc.update(parameters={"classes": "9" * 5000})),
+    ("unknown parameter", lambda doc: doc.update(parameters={"colour": "red"})),
+    ("input parameters [1]", lambda doc: doc["inputs"][0].update(parameters=[1])),
+    ('"binary_data_size": -1', lambda doc: doc["inputs"][0].update(parameters={"binary_data_size": -1})),
+    ('"binary_data_size": "5"', lambda doc: doc["inputs"][0].update(parameters={"binary_data_size": "5"})),
+    ('"shape": [true]', lambda doc: doc["inputs"][0].update(shape=[True])),
+    ('"shape": [2 ** 70]', lambda doc: doc["inputs"][0].update(shape=[2 ** 70])),
+    ('"shape": "1"', lambda doc: doc["inputs"][0].update(shape="1")),
+    ('"shape": [2]', lambda doc: doc["inputs"][0].update(shape=[2])),
+    ('"datatype": 5', lambda doc: doc["inputs"][0].update(datatype=5)),
+    ('"datatype": "FP32"', lambda doc: doc["inputs"][0].update(datatype="FP32")),
+    ('"data": 5', lambda doc: doc["inputs"][0].update(data=5)),
+    ("two inputs", lambda doc: doc.update(inputs=doc["inputs"] * 2)),
+    ("an input that is a string", lambda doc: doc.update(inputs=["image"])),
+]
+V2_HEADER_LENGTHS = ("²", "-1", "9" * 40, "", "0x10", "1e3", " ", "\u00b9\u00b2")  # HTTP headers are Latin-1
+
+
+def v2_doc(rng: random.Random) -> tuple[dict, bytes]:
+    fmt, data = scene(rng)
+    return {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(data).decode()]}]}, data
+
+
+def case_v2_bad_field(rng: random.Random) -> Case:
+    doc, _ = v2_doc(rng)
+    name, mutate = rng.choice(V2_BAD_FIELDS)
+    mutate(doc)
+    return raw(f"v2 {name}", json.dumps(doc).encode(), rng.choice(("application/json", None)),
+               frozenset({400, 422}))
+
+
+def case_v2_header_length(rng: random.Random) -> Case:
+    _, data = v2_doc(rng)
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(data) + 4}}]}).encode()
+    length = rng.choice(V2_HEADER_LENGTHS)
+    return raw(f"v2 binary body, Inference-Header-Content-Length {length[:12]!r}",
+               head + struct.pack("<I", len(data)) + data, "application/octet-stream", BAD,
+               **{"Inference-Header-Content-Length": length})
+
+
+def case_v2_valid(rng: random.Random) -> Case:
+    """A good v2 request (JSON or binary, tensor or PNG answer): 200."""
+    doc, data = v2_doc(rng)
+    if rng.random() < 0.5:
+        doc["parameters"] = {"format": rng.choice(("png", "tensor"))}
+    if rng.random() < 0.5:
+        return raw("valid v2 JSON", json.dumps(doc).encode(), "application/json", frozenset({200}))
+    tensor = doc["inputs"][0]
+    del tensor["data"]
+    tensor["parameters"] = {"binary_data_size": len(data) + 4}
+    head = json.dumps(doc).encode()
+    return raw("valid v2 binary", head + struct.pack("<I", len(data)) + data, "application/octet-stream",
+               frozenset({200}), **{"Inference-Header-Content-Length": str(len(head))})
+
+
 # Weights: how often each family comes up.
 FAMILIES: list[tuple[Callable[[random.Random], Case], int]] = [
     (case_truncated, 10), (case_bit_flips, 14), (case_byte_edits, 10), (case_huge, 8), (case_huge_in_multipart, 2),
@@ -457,6 +572,7 @@ FAMILIES: list[tuple[Callable[[random.Random], Case], int]] = [
     (case_image_declared_json, 2), (case_empty, 3), (case_malformed_json, 8), (case_bad_option, 6),
     (case_json_option_types, 3), (case_malformed_multipart, 8), (case_form_urlencoded, 2),
     (case_broken_form_encoding, 3), (case_odd_accept, 3), (case_valid, 4),
+    (case_expensive, 4), (case_v2_bad_field, 5), (case_v2_header_length, 2), (case_v2_valid, 2),
 ]
 
 
@@ -473,7 +589,8 @@ def fuzz_case(seed: int, index: int) -> Case:
 # The soak's bad requests: families whose answer is always a 4xx (never a lucky 200).
 SOAK_BAD: list[Callable[[random.Random], Case]] = [
     case_huge, case_wrong_content_type, case_image_declared_json, case_empty, case_malformed_json,
-    case_bad_option, case_truncated_within_limits,
+    case_bad_option, case_truncated_within_limits, case_expensive_refused, case_v2_bad_field,
+    case_v2_header_length,
 ]
 
 
