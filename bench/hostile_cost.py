@@ -83,7 +83,16 @@ CASES: dict[str, tuple[str, Callable[[], Inputs]]] = {
     "v2_parameters": ('v2 "parameters": [1]', lambda: ({"body": v2_json(hostile.noise_image(64, 48),
                                                                             parameters=[1])}, {})),
     "v2_outputs": ('v2 "outputs": 5', lambda: ({"body": v2_json(hostile.noise_image(64, 48), outputs=5)}, {})),
+    "v2_input_parameters": ('v2 input "parameters": [1]', lambda: ({"body": v2_input_parameters()}, {})),
+    "tiled_1mpx": ("noise 1024 x 1024, tile=on, format=png (25 windows: the cost of one)",
+                   lambda: raw(hostile.noise_image(1024, 1024), tile="on", format="png")),
 }
+
+
+def v2_input_parameters() -> dict:
+    doc = v2_json(hostile.noise_image(64, 48))
+    doc["inputs"][0]["parameters"] = [1]
+    return doc
 
 
 def status_of(path: str) -> dict[str, int]:
@@ -104,6 +113,9 @@ def child(name: str) -> None:
     handler = load_handler(Path(os.environ["HOSTILE_TREE"]) / "model")
     good = Request({"body": hostile.noise_image(64, 48)})
     handle(handler, [good])
+    if name in ENCODER_CASES:
+        encoder_case(name)
+        return
     inputs, headers = CASES[name][1]()
     import gc
 
@@ -122,6 +134,34 @@ def child(name: str) -> None:
                   "message": f"{type(exc).__name__}: {str(exc)[:120]}"}
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["peak_mib"] = status_of("/proc/self/status")["VmHWM"] - before
+    print(json.dumps(result), flush=True)
+
+
+# Cases that call an encoder directly on a mask no model would make from an image: the worst case of tracing.
+ENCODER_CASES = {"lattice_polygons": "format=polygons of a 1000 x 1000 checkerboard mask (the encoder alone)"}
+
+
+def encoder_case(name: str) -> None:
+    import numpy as np
+
+    from segserve import encoders
+    from segserve.config import ServingConfig
+    from segserve.errors import RequestError
+
+    config = ServingConfig.from_yaml(Path(os.environ["HOSTILE_TREE"]) / "model" / "model-config.yaml")
+    mask = (np.indices((1000, 1000)).sum(0) % 2).astype(np.uint8)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_of("/proc/self/status")["VmRSS"]
+    print(json.dumps({"ready": True, "rss": before}), flush=True)
+    started = time.perf_counter()
+    try:
+        body = encoders.polygons_response(mask, config)
+        result = {"status": 200, "body_bytes": len(body), "message": ""}
+    except RequestError as error:
+        result = {"status": error.status, "body_bytes": 0, "message": error.message[:160]}
+    result.update(neighbour="-", seconds=round(time.perf_counter() - started, 2),
+                  peak_mib=status_of("/proc/self/status")["VmHWM"] - before)
     print(json.dumps(result), flush=True)
 
 
@@ -153,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tree", type=Path, default=REPO, help="checkout whose code runs the cases (default: this)")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--cases", default=",".join([*CASES, *ENCODER_CASES]), help="comma-separated case names")
     parser.add_argument("--timeout", type=float, default=120, help="seconds before a case is killed")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_cost.json")
     args = parser.parse_args(argv)

@@ -57,7 +57,7 @@ class Limits:
     max_polygon_rings: int = 50_000
     max_polygon_vertices: int = 1_000_000
     # One request's estimated peak memory (pixels x bytes per pixel of its path and format), bytes.
-    max_request_memory: int = 2_000_000_000
+    max_request_memory: int = 1_000_000_000
     # Fields of a form or JSON body besides the image, and the bytes of one option's value.
     max_fields: int = 16
     max_option_bytes: int = 1_000

@@ -130,7 +130,7 @@ def parse(inputs: dict[str, Any], headers: dict[str, Any],
     else:
         raise UnprocessableEntity(f"input datatype {shown(declared)} is not supported: send BYTES (an image "
                                   "file) or UINT8 (RGB pixels, shape [H, W, 3])")
-    parameters = _parameters(doc.get("parameters"), "the request's parameters")
+    parameters = _parameters(doc.get("parameters"), "the v2 request's parameters")
     unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
     if unknown:
         raise InvalidOption(f"unknown parameter {shown(unknown[0])}; the parameters are: "
@@ -144,7 +144,7 @@ def parse(inputs: dict[str, Any], headers: dict[str, Any],
         name = output.get("name") if isinstance(output, dict) else None
         if name != OUTPUT_NAME:
             raise InvalidOption(f"unknown output {shown(name)}; this model's output is {OUTPUT_NAME!r}")
-        output_parameters = _parameters(output.get("parameters"), "an output's parameters")
+        output_parameters = _parameters(output.get("parameters"), "a v2 output's parameters")
         kind = output_parameters.get("format", kind)
         binary_output = _flag(output_parameters.get("binary_data", binary_output), "binary_data")
     if kind is not None and not isinstance(kind, str):
@@ -173,11 +173,11 @@ def _id(value: Any) -> str | None:
     return value
 
 
-def _parameters(value: Any, what: str = "parameters") -> dict[str, Any]:
+def _parameters(value: Any, what: str = "v2 parameters") -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f"v2 {what} must be a JSON object, got {shown(value)}")
+        raise BadRequest(f"{what} must be a JSON object, got {shown(value)}")
     return value
 
 
@@ -196,7 +196,7 @@ def _shape(tensor: dict[str, Any]) -> list[int]:
 
 
 def _binary_data(tensor: dict[str, Any], binary: bytes) -> bytes | None:
-    size = _parameters(tensor.get("parameters"), "an input's parameters").get("binary_data_size")
+    size = _parameters(tensor.get("parameters"), "a v2 input's parameters").get("binary_data_size")
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size > len(binary):
