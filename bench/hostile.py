@@ -133,6 +133,92 @@ HUGE_PATCHERS: dict[str, Callable[[bytes, int, int], bytes]] = {
 }
 
 
+# -- valid files that are expensive to serve: each must meet a limit (docs/resilience.md) -------------------
+def zero_png(width: int, height: int, mode: str = "L") -> bytes:
+    """A complete PNG of zeros (8-bit gray, or 1-bit with mode "1"), compressed a band at a time: a 1 x 40,000,000
+    image is ~80 MB of rows but ~80 KB of file."""
+    depth, row_bytes = (1, -(-width // 8)) if mode == "1" else (8, width)
+    header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + row_bytes)  # filter byte, pixels
+    band = max(1, (1 << 22) // len(row))
+    parts = [packer.compress(row * min(band, height - top)) for top in range(0, height, band)]
+    data = b"".join(parts) + packer.flush()
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO file whose one entry is `png` (ICO keeps PNGs whole; Pillow decodes the entry inside Image.open)."""
+    width, height = struct.unpack_from(">II", png, 16)  # IHDR's; an entry says 0 for 256 and more
+    entry = struct.pack("<BBBBHHII", width if width < 256 else 0, height if height < 256 else 0, 0, 0, 1, 32,
+                        len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def many_scans_jpeg(scans: int, size: tuple[int, int] = (2048, 2048)) -> bytes:
+    """A progressive JPEG of a flat image whose last scan (an AC refinement: a dozen bytes, all end-of-band runs)
+    is repeated until it has `scans` scans: libjpeg decodes each one over every block of the image, and Pillow
+    tells nothing of them before decoding. 2000 scans of 2048 x 2048 are 57 KB."""
+    data = encode_with(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True, quality=90)
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    have = data.count(b"\xff\xda")
+    return data[:end] + data[last:end] * max(0, scans - have) + data[end:]
+
+
+def many_strips_tiff(strips: int) -> bytes:
+    """An uncompressed 1-pixel-wide gray TIFF of `strips` rows, one strip per row: Pillow makes a decoder call
+    per strip (400,000 strips are 3.6 MB). Written by hand: Pillow's writer picks its own strip size."""
+    tags = [(256, 4, 1, 1), (257, 4, 1, strips), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, strips, None), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, None)]
+    ifd_size = 2 + 12 * len(tags) + 4
+    offsets_at = 8 + ifd_size
+    counts_at = offsets_at + 4 * strips
+    data_at = counts_at + 4 * strips
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        value = {273: offsets_at, 279: counts_at}.get(tag, value)
+        ifd += struct.pack("<HHII", tag, kind, count, value) if kind == 4 else struct.pack("<HHIHH", tag, kind,
+                                                                                              count, value, 0)
+    offsets = np.arange(data_at, data_at + strips, dtype="<u4").tobytes()
+    counts = np.ones(strips, dtype="<u4").tobytes()
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + offsets + counts + b"\x80" * strips
+
+
+def encode_with(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def other_format(fmt: str, seed: int = 0) -> bytes:
+    """A small valid image in a format Pillow reads but segserve does not accept by default (415)."""
+    pixels, _ = generate_scene(seed, (48, 64))
+    image = Image.fromarray(pixels)
+    if fmt == "ICO":
+        return ico_holding(encode_with(image, "PNG"))
+    return encode_with(image.convert("RGBA") if fmt == "ICNS" else image, fmt)
+
+
+def lattice_png(width: int, height: int) -> bytes:
+    """An RGB checkerboard of single pixels, red and blue: the mask that makes contour tracing slowest (a hole at
+    every other pixel) when a model answers the brightest channel."""
+    y, x = np.indices((height, width))
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = np.where((x + y) % 2 == 0, 255, 0)
+    pixels[..., 2] = 255 - pixels[..., 0]
+    return encode_with(Image.fromarray(pixels), "PNG")
+
+
+def noise_image(width: int, height: int, seed: int = 0, fmt: str = "PNG", **params) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode_with(Image.fromarray(pixels), fmt, **params)
+
+
+def url_encoded_fields(count: int) -> bytes:
+    """A form of `count` empty fields with distinct names: 400,000 of them are ~3.5 MB."""
+    return b"&".join(b"f%d=" % index for index in range(count))
+
+
 # -- mutations of valid images ---------------------------------------------------------------------------
 def bit_flips(rng: random.Random, data: bytes) -> bytes:
     out = bytearray(data)
@@ -179,6 +265,7 @@ def raw(name: str, body: bytes, content_type: str | None, expect: frozenset[int]
 BAD = frozenset({400})
 TOO_LARGE = frozenset({413})
 UNSUPPORTED = frozenset({415})
+OK = frozenset({200})
 
 
 def case_truncated(rng: random.Random) -> Case:
@@ -364,6 +451,120 @@ def case_valid(rng: random.Random) -> Case:
     return raw(f"valid {fmt}", data, MEDIA[fmt], frozenset({200}))
 
 
+# -- expensive but valid files: each meets its limit (docs/resilience.md), or is served when within them ----
+@cache
+def expensive_bodies() -> dict[str, tuple[bytes, dict[str, str], frozenset[int]]]:
+    """name -> (body, headers, the statuses it must get): small enough to send hundreds of times."""
+    octet = {"Content-Type": "application/octet-stream"}
+    noise = noise_image(128, 128)
+    polygons, polygons_type = multipart({"data": ("noise.png", noise, "image/png"), "format": "polygons",
+                                         "tile": "on"})
+    overlay, overlay_type = multipart({"data": ("noise.jpg", noise_image(1000, 800, fmt="JPEG", quality=40),
+                                                "image/jpeg"), "format": "overlay", "tile": "off"})
+    v2_big = json.dumps({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES",
+                                     "data": [base64.b64encode(zero_png(6000, 5000)).decode()]}]}).encode()
+    return {
+        "ICO holding a 13000 x 13000 PNG": (ico_holding(zero_png(13000, 13000, "1")), octet, UNSUPPORTED),
+        "JPEG 2000": (other_format("JPEG2000"), octet, UNSUPPORTED),
+        "QOI": (other_format("QOI"), octet, UNSUPPORTED),
+        "progressive JPEG of 300 scans": (many_scans_jpeg(300, (512, 512)), octet, TOO_LARGE),
+        "progressive JPEG of 40 scans (within the limit)": (many_scans_jpeg(40, (256, 256)), octet, OK),
+        "TIFF of 60,000 strips": (many_strips_tiff(60_000), octet, TOO_LARGE),
+        "TIFF of 2,000 strips (within the limit)": (many_strips_tiff(2_000), octet, OK),
+        "PNG 1 x 2,000,000 (10,417 windows)": (zero_png(1, 2_000_000), octet, TOO_LARGE),
+        "PNG 200,000 x 200 (tiled band memory)": (zero_png(200_000, 200), octet, TOO_LARGE),
+        "v2 JSON tensor of 30 Mpx": (v2_big, {"Content-Type": "application/json"}, TOO_LARGE),
+        "polygons of noise 128 x 128, tiled (within the limits)": (polygons, {"Content-Type": polygons_type}, OK),
+        "overlay of a 1000 x 800 photo (within the limits)": (overlay, {"Content-Type": overlay_type}, OK),
+        "url-encoded form of 20,000 empty fields": (url_encoded_fields(20_000),
+                                                    {"Content-Type": "application/x-www-form-urlencoded"}, BAD),
+    }
+
+
+def case_expensive(rng: random.Random) -> Case:
+    name, (body, headers, expect) = rng.choice(sorted(expensive_bodies().items()))
+    return Case(f"expensive: {name}", body, dict(headers), expect)
+
+
+def case_expensive_refused(rng: random.Random) -> Case:
+    """The expensive cases whose answer is always a 4xx (the soak's bad requests)."""
+    refused = sorted((name, case) for name, case in expensive_bodies().items() if 200 not in case[2])
+    name, (body, headers, expect) = rng.choice(refused)
+    return Case(f"expensive: {name}", body, dict(headers), expect)
+
+
+# -- v2 (Open Inference Protocol) bodies with fields of the wrong kind --------------------------------------
+V2_BAD_FIELDS: list[tuple[str, Callable[[dict], None]]] = [
+    ('"parameters": [1]', lambda doc: doc.update(parameters=[1])),
+    ('"parameters": "x"', lambda doc: doc.update(parameters="x")),
+    ('"outputs": 5', lambda doc: doc.update(outputs=5)),
+    ('"outputs": [5]', lambda doc: doc.update(outputs=[5])),
+    ('"outputs": {"name": "mask"}', lambda doc: doc.update(outputs={"name": "mask"})),
+    ("an output's parameters [1]", lambda doc: doc.update(outputs=[{"name": "mask", "parameters": [1]}])),
+    ('"id": 5', lambda doc: doc.update(id=5)),
+    ('"id": []', lambda doc: doc.update(id=[])),
+    ("an id of 10,000 characters", lambda doc: doc.update(id="x" * 10_000)),
+    ('"binary_data_output": "yes"', lambda doc: doc.update(parameters={"binary_data_output": "yes"})),
+    ('"format": 5', lambda doc: doc.update(parameters={"format": 5})),
+    ('"format": "gif"', lambda doc: doc.update(parameters={"format": "gif"})),
+    ('"classes": "²"', lambda doc: doc.update(parameters={"classes": "²"})),
+    ('"classes": "9" x 5000', lambda doc: doc.update(parameters={"classes": "9" * 5000})),
+    ("unknown parameter", lambda doc: doc.update(parameters={"colour": "red"})),
+    ("input parameters [1]", lambda doc: doc["inputs"][0].update(parameters=[1])),
+    ('"binary_data_size": -1', lambda doc: doc["inputs"][0].update(parameters={"binary_data_size": -1})),
+    ('"binary_data_size": "5"', lambda doc: doc["inputs"][0].update(parameters={"binary_data_size": "5"})),
+    ('"shape": [true]', lambda doc: doc["inputs"][0].update(shape=[True])),
+    ('"shape": [2 ** 70]', lambda doc: doc["inputs"][0].update(shape=[2 ** 70])),
+    ('"shape": "1"', lambda doc: doc["inputs"][0].update(shape="1")),
+    ('"shape": [2]', lambda doc: doc["inputs"][0].update(shape=[2])),
+    ('"datatype": 5', lambda doc: doc["inputs"][0].update(datatype=5)),
+    ('"datatype": "FP32"', lambda doc: doc["inputs"][0].update(datatype="FP32")),
+    ('"data": 5', lambda doc: doc["inputs"][0].update(data=5)),
+    ("two inputs", lambda doc: doc.update(inputs=doc["inputs"] * 2)),
+    ("an input that is a string", lambda doc: doc.update(inputs=["image"])),
+]
+V2_HEADER_LENGTHS = ("²", "-1", "9" * 40, "", "0x10", "1e3", " ", "\u00b9\u00b2")  # HTTP headers are Latin-1
+
+
+def v2_doc(rng: random.Random) -> tuple[dict, bytes]:
+    fmt, data = scene(rng)
+    return {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(data).decode()]}]}, data
+
+
+def case_v2_bad_field(rng: random.Random) -> Case:
+    doc, _ = v2_doc(rng)
+    name, mutate = rng.choice(V2_BAD_FIELDS)
+    mutate(doc)
+    return raw(f"v2 {name}", json.dumps(doc).encode(), rng.choice(("application/json", None)),
+               frozenset({400, 422}))
+
+
+def case_v2_header_length(rng: random.Random) -> Case:
+    _, data = v2_doc(rng)
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(data) + 4}}]}).encode()
+    length = rng.choice(V2_HEADER_LENGTHS)
+    return raw(f"v2 binary body, Inference-Header-Content-Length {length[:12]!r}",
+               head + struct.pack("<I", len(data)) + data, "application/octet-stream", BAD,
+               **{"Inference-Header-Content-Length": length})
+
+
+def case_v2_valid(rng: random.Random) -> Case:
+    """A good v2 request (JSON or binary, tensor or PNG answer): 200."""
+    doc, data = v2_doc(rng)
+    if rng.random() < 0.5:
+        doc["parameters"] = {"format": rng.choice(("png", "tensor"))}
+    if rng.random() < 0.5:
+        return raw("valid v2 JSON", json.dumps(doc).encode(), "application/json", frozenset({200}))
+    tensor = doc["inputs"][0]
+    del tensor["data"]
+    tensor["parameters"] = {"binary_data_size": len(data) + 4}
+    head = json.dumps(doc).encode()
+    return raw("valid v2 binary", head + struct.pack("<I", len(data)) + data, "application/octet-stream",
+               frozenset({200}), **{"Inference-Header-Content-Length": str(len(head))})
+
+
 # Weights: how often each family comes up.
 FAMILIES: list[tuple[Callable[[random.Random], Case], int]] = [
     (case_truncated, 10), (case_bit_flips, 14), (case_byte_edits, 10), (case_huge, 8), (case_huge_in_multipart, 2),
@@ -371,6 +572,7 @@ FAMILIES: list[tuple[Callable[[random.Random], Case], int]] = [
     (case_image_declared_json, 2), (case_empty, 3), (case_malformed_json, 8), (case_bad_option, 6),
     (case_json_option_types, 3), (case_malformed_multipart, 8), (case_form_urlencoded, 2),
     (case_broken_form_encoding, 3), (case_odd_accept, 3), (case_valid, 4),
+    (case_expensive, 4), (case_v2_bad_field, 5), (case_v2_header_length, 2), (case_v2_valid, 2),
 ]
 
 
@@ -387,7 +589,8 @@ def fuzz_case(seed: int, index: int) -> Case:
 # The soak's bad requests: families whose answer is always a 4xx (never a lucky 200).
 SOAK_BAD: list[Callable[[random.Random], Case]] = [
     case_huge, case_wrong_content_type, case_image_declared_json, case_empty, case_malformed_json,
-    case_bad_option, case_truncated_within_limits,
+    case_bad_option, case_truncated_within_limits, case_expensive_refused, case_v2_bad_field,
+    case_v2_header_length,
 ]
 
 

@@ -119,7 +119,8 @@ def mosaic(images: list[np.ndarray], size: int) -> np.ndarray:
 def child(path: Path, tile: str) -> None:
     """One request in a fresh process: print JSON with seconds, RSS before it and peak RSS (MiB)."""
     doc = read_model_yaml(REPO / "model")
-    doc["handler"]["limits"] = {**doc["handler"].get("limits", {}), "max_pixels": 10**9, "max_bytes": 10**9}
+    doc["handler"]["limits"] = {**doc["handler"].get("limits", {}), "max_pixels": 10**9, "max_bytes": 10**9,
+                                "max_windows": 10**9, "max_request_memory": 10**12}
     handler = load_handler(REPO / "model", model_yaml_config=doc)
     data = path.read_bytes()
     before = psutil.Process().memory_info().rss / 2**20  # now, with torch and the model loaded

@@ -31,12 +31,36 @@ class ClassInfo:
     color: tuple[int, int, int]
 
 
+# Input formats read by default, by Pillow's names (handler.limits.formats).
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+
+
 @dataclass(frozen=True)
 class Limits:
+    """What one request may cost, the `handler.limits:` section (docs/resilience.md has the measured cost of each
+    unit). Everything over a limit is refused with its own 4xx naming it, before the work where it can be known."""
+
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
-    # Largest response the handler builds (format=probs grows with classes x pixels).
+    # Largest response the handler builds, whatever the format; keep it below config.properties'
+    # max_response_size (a larger answer makes TorchServe's frontend drop the worker and its batch).
     max_response_bytes: int = 50_000_000
+    # Input formats read, recognised from their first bytes before any decoder runs; others are a 415.
+    formats: tuple[str, ...] = INPUT_FORMATS
+    # Decoder work that pixels do not bound: the scans of a progressive JPEG, the strips or tiles of a TIFF.
+    max_jpeg_scans: int = 50
+    max_tiff_strips: int = 50_000
+    # Sliding windows of one tiled request (a 40 Mpx image of any shape up to 100:1 needs at most ~1,300).
+    max_windows: int = 1_500
+    # format=polygons: rings (outlines and holes) traced per request, counted before tracing (tracing time grows
+    # faster than their number), and vertices answered.
+    max_polygon_rings: int = 50_000
+    max_polygon_vertices: int = 1_000_000
+    # One request's estimated peak memory (pixels x bytes per pixel of its path and format), bytes.
+    max_request_memory: int = 1_000_000_000
+    # Fields of a form or JSON body besides the image, and the bytes of one option's value.
+    max_fields: int = 16
+    max_option_bytes: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -203,8 +227,7 @@ class ServingConfig:
             input_size=input_size,
             mean=_triple(inp.get("mean", [0.485, 0.456, 0.406]), "handler.input.mean"),
             std=_triple(inp.get("std", [0.229, 0.224, 0.225]), "handler.input.std", positive=True),
-            limits=Limits(**{key: whole_number(limits.get(key, getattr(Limits, key)), f"handler.limits.{key}", 1)
-                             for key in LIMITS_KEYS}),
+            limits=_limits(limits),
             tiling=_tiling(tiling, input_size),
             threads=whole_number(runtime.get("threads", 0), "handler.runtime.threads", 0),
             channels_last=boolean(runtime.get("channels_last", True), "handler.runtime.channels_last"),
@@ -301,6 +324,30 @@ def _requires(value: Any) -> dict[str, str]:
         raise ConfigError(f"handler.model.requires must map package names to versions, e.g. "
                           f"{{segmentation-models-pytorch: '0.6.0'}}, got {value!r}")
     return dict(value)
+
+
+def _limits(section: dict) -> Limits:
+    values: dict[str, Any] = {key: whole_number(section.get(key, getattr(Limits, key)), f"handler.limits.{key}", 1)
+                              for key in LIMITS_KEYS if key != "formats"}
+    values["formats"] = input_formats(section.get("formats", list(Limits.formats)), "handler.limits.formats")
+    return Limits(**values)
+
+
+def input_formats(value: Any, where: str) -> tuple[str, ...]:
+    """Names of image formats Pillow reads and recognises from their first bytes (the allow-list is checked
+    from them before any decoder runs), upper-cased: [JPEG, PNG]."""
+    from PIL import Image  # only here: the rest of the config needs no imaging library
+
+    Image.init()
+    known = sorted(name for name, (_, accept) in Image.OPEN.items() if accept is not None)
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"{where} must be a list of image format names, e.g. [JPEG, PNG], got {value!r}")
+    names = tuple(dict.fromkeys(v.strip().upper() for v in value))
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{where}: {name!r} is not an image format Pillow recognises from its first bytes; "
+                              f"use some of: {', '.join(known)}")
+    return names
 
 
 def _tiling(section: dict, input_size: tuple[int, int]) -> Tiling:

@@ -12,8 +12,10 @@ import numpy as np
 from PIL import Image
 
 from .config import ServingConfig
-from .errors import PayloadTooLarge
+from .errors import LimitExceeded, PayloadTooLarge, ResponseTooLarge
 from .masks import MaskSet, instances
+
+OVERLAY_BAND_PIXELS = 1 << 16
 
 # zlib level for mask PNGs: masks are flat regions and compress well already at
 # low levels, while higher levels cost several times the CPU for a few % bytes.
@@ -86,19 +88,37 @@ def rle_response(masks: MaskSet | np.ndarray, config: ServingConfig, classes: tu
     from pycocotools import mask as coco_mask
 
     entries = []
+    size, limit = 0, config.limits.max_response_bytes
     for c in selected(config, classes):
         binary = masks.binary(c.id)
         rle = coco_mask.encode(np.asfortranarray(binary.astype(np.uint8)))
+        size += len(rle["counts"])
+        if size > limit:  # known class by class, before the JSON text is made
+            raise ResponseTooLarge(f"format=rle for this {masks.shape[1]}x{masks.shape[0]} mask is over {limit} bytes "
+                                   "(max_response_bytes): use format=png, or min_area=... to drop small regions")
         entries.append({**class_entry(c, binary),
                         "rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}})
     return _dumps({**_answer_head(masks, config), "classes": entries, "mask_format": "coco_rle"})
 
 
-def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
+def ring_count(binary: np.ndarray) -> int:
+    """At least as many rings as tracing `binary` finds: its 8-connected regions (an outline each) and the
+    4-connected regions of the rest (the holes, and the background around), counted in linear time."""
+    import cv2
+
+    if not binary.any():
+        return 0
+    regions = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)[0] - 1
+    rest = cv2.connectedComponents((~binary).astype(np.uint8), connectivity=4)[0] - 1
+    return regions + rest
+
+
+def polygons(binary: np.ndarray, max_vertices: int | None = None) -> list[list[list[list[int]]]]:
     """GeoJSON MultiPolygon coordinates of a binary mask: [[exterior, hole, ...], ...], closed rings of [x, y].
 
     Points are the centres of the boundary pixels (OpenCV's contour tracing), so
-    filling the exterior and clearing the holes rasterizes back to the mask.
+    filling the exterior and clearing the holes rasterizes back to the mask. Over `max_vertices` traced,
+    LimitExceeded before they become Python lists (~100 bytes a vertex).
     """
     import cv2
 
@@ -106,6 +126,10 @@ def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
         return []
     contours, hierarchy = cv2.findContours(binary.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     hierarchy = hierarchy[0]
+    vertices = sum(len(contour) + 1 for contour in contours)
+    if max_vertices is not None and vertices > max_vertices:
+        raise LimitExceeded(f"format=polygons: this mask traces to {vertices} vertices; the limit is {max_vertices} "
+                            "(max_polygon_vertices): use format=rle or png, or min_area=... to drop small regions")
 
     def ring(contour: np.ndarray) -> list[list[int]]:
         points = contour.reshape(-1, 2).tolist()
@@ -126,11 +150,20 @@ def polygons(binary: np.ndarray) -> list[list[list[list[int]]]]:
 def polygons_response(masks: MaskSet | np.ndarray, config: ServingConfig,
                       classes: tuple[int, ...] | None = None) -> bytes:
     masks = MaskSet.of(masks)
+    limits = config.limits
+    rings_left, vertices_left = limits.max_polygon_rings, limits.max_polygon_vertices
     entries = []
     for c in selected(config, classes):
         binary = masks.binary(c.id)
-        entries.append({**class_entry(c, binary),
-                        "geometry": {"type": "MultiPolygon", "coordinates": polygons(binary)}})
+        # OpenCV's tracing with holes takes time that grows faster than the number of rings: counted first.
+        rings_left -= ring_count(binary)
+        if rings_left < 0:
+            raise LimitExceeded(f"format=polygons: this mask has more than {limits.max_polygon_rings} rings (outlines "
+                                "and holes) to trace (max_polygon_rings): use format=rle or png, or min_area=... "
+                                "to drop small regions")
+        shapes = polygons(binary, vertices_left)
+        vertices_left -= sum(len(ring) for shape in shapes for ring in shape)
+        entries.append({**class_entry(c, binary), "geometry": {"type": "MultiPolygon", "coordinates": shapes}})
     return _dumps({**_answer_head(masks, config), "classes": entries, "mask_format": "polygons",
                    "coordinates": "pixel centres, x right, y down, origin at the top-left pixel"})
 
@@ -188,11 +221,16 @@ def overlay(image: Image.Image, mask: np.ndarray, config: ServingConfig, alpha: 
     """The input with the mask's class colours blended over it (background left clear) and a small legend."""
     from PIL import ImageDraw
 
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # a copy, blended in place
     colors = np.array([c.color for c in config.classes], dtype=np.float32)
-    tinted = rgb * (1 - alpha) + colors[mask] * alpha
-    out = np.where((mask > 0)[..., None], tinted, rgb)
-    result = Image.fromarray(out.round().astype(np.uint8), "RGB")
+    # A band of rows at a time: float32 temporaries of a band, not of the image (~50 bytes a pixel).
+    rows = max(1, OVERLAY_BAND_PIXELS // max(1, out.shape[1]))
+    for top in range(0, out.shape[0], rows):
+        part, labels = out[top:top + rows].astype(np.float32), mask[top:top + rows]
+        tinted = part * (1 - alpha) + colors[labels] * alpha
+        out[top:top + rows] = np.where((labels > 0)[..., None], tinted, part).round().astype(np.uint8)
+    result = Image.fromarray(out, "RGB")
+    del out
     if legend:
         draw = ImageDraw.Draw(result)
         box = max(8, min(result.size) // 40)

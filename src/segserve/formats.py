@@ -3,11 +3,15 @@
 An entry says all the request path needs to know about its format: the name a request asks for
 (`format=...`, or the URL path's last part), the content type of the answer, the `Accept` media types
 that select it, what its encoder needs (the decoded image to draw on? class probabilities instead of a
-mask?), the encoder, and an estimate of the answer's size in bytes from the image's width, height and
-the number of classes asked for, made before any pixel is decoded.
+mask?), the encoder, an estimate of the answer's size in bytes from the image's width, height and
+the number of classes asked for, made before any pixel is decoded, and the memory its encoder works
+with per pixel (segserve.plan adds it to the request's memory estimate).
 
-Only `probs` is refused up front (413) when its estimate is over `limits.max_response_bytes` (`capped`);
-the other estimates are upper bounds for noise-like masks, not yet enforced.
+Answers are held to `limits.max_response_bytes` three times: up front (413 before any work) where the
+size is known from the header alone (`capped`: probs); while encoding, where it is known from the mask
+(rle's counts, the polygons' rings and vertices: segserve.encoders); and every answer once encoded
+(`encode`), so no answer ever reaches TorchServe's max_response_size, over which its frontend drops
+the worker and every request of its batch. The other estimates are upper bounds for noise-like masks.
 
 Adding a format is one entry here, and its tests. The Open Inference Protocol v2 is a protocol with
 its own two output kinds (segserve.v2), not a format.
@@ -24,7 +28,7 @@ from PIL import Image
 
 from . import encoders
 from .config import Limits, ServingConfig
-from .errors import PayloadTooLarge
+from .errors import ResponseTooLarge
 from .masks import MaskSet
 
 if TYPE_CHECKING:
@@ -52,6 +56,11 @@ class Format:
     needs_probs: bool = False  # the encoder takes class probabilities, not a mask
     capped: bool = False  # refused with 413 up front when the estimate is over limits.max_response_bytes
     too_large_hint: str = "send a smaller image"  # how to get under the cap
+    # Bytes per pixel the encoder works with beside the mask (and the image it draws on), for k classes asked
+    # for: its copies and temporaries at their peak (segserve.plan's memory estimate).
+    working_bytes: Callable[[int], float] = lambda k: 8
+    # Bytes beyond those, from (pixels, limits): what grows with the answer's content rather than its pixels.
+    working_extra: Callable[[int, Limits], int] = lambda pixels, limits: 0
 
 
 def _png_bytes(width: int, height: int) -> int:
@@ -97,24 +106,41 @@ def _probs(job: EncoderInput) -> bytes:
 REGISTRY: dict[str, Format] = {f.name: f for f in (
     Format("json", "application/json", ("application/json",), _json,
            # the mask PNG in base64 (4 bytes per 3)
-           lambda w, h, k: _summary_bytes(k) + 4 * (_png_bytes(w, h) // 3 + 1)),
-    Format("png", "image/png", ("image/png",), _png, lambda w, h, _: _png_bytes(w, h)),
+           lambda w, h, k: _summary_bytes(k) + 4 * (_png_bytes(w, h) // 3 + 1),
+           # the class subset's copy, one class's pixels at a time, the PNG, its base64, the JSON text and bytes
+           working_bytes=lambda k: 6, too_large_hint="use format=png (the mask without base64 and JSON)"),
+    Format("png", "image/png", ("image/png",), _png, lambda w, h, _: _png_bytes(w, h),
+           working_bytes=lambda k: 3),
     Format("rle", "application/json", (), _rle,
            # COCO's compressed counts: at most one run per pixel, one or two characters per short run
-           lambda w, h, k: _summary_bytes(k) + k * (2 * w * h + 64)),
+           lambda w, h, k: _summary_bytes(k) + k * (2 * w * h + 64),
+           # per class: its pixels, labels of min_area's regions (int32), the Fortran copy, the runs (uint32);
+           # the counts of every class and the JSON text
+           working_bytes=lambda k: 8 + 2 * k,
+           too_large_hint="use format=png, or min_area=... to drop small regions"),
     Format("polygons", "application/json", (), _polygons,
            # at most a closed ring of two "[x,y]," points per pixel of a class, plus the ring's brackets
-           lambda w, h, k: _summary_bytes(k) + k * w * h * (2 * (2 * len(str(max(w, h))) + 4) + 8)),
+           lambda w, h, k: _summary_bytes(k) + k * w * h * (2 * (2 * len(str(max(w, h))) + 4) + 8),
+           # per class: its pixels, the labels counting its rings (int32, two passes), OpenCV's copy; and the
+           # vertices as Python lists (~200 bytes each), at most max_polygon_vertices of them
+           working_bytes=lambda k: 14,
+           working_extra=lambda pixels, limits: 200 * min(limits.max_polygon_vertices, 4 * pixels),
+           too_large_hint="use format=rle or png, or min_area=... to drop small regions"),
     Format("instances", "application/json", (), _instances,
            # at most one region per 4 pixels of a class (8-connected), ~160 bytes each, plus the uint16 PNG
-           lambda w, h, k: _summary_bytes(k) + k * (w * h // 4 + 1) * 160 + 4 * (2 * _png_bytes(w, h) // 3 + 1)),
+           lambda w, h, k: _summary_bytes(k) + k * (w * h // 4 + 1) * 160 + 4 * (2 * _png_bytes(w, h) // 3 + 1),
+           # per class: its pixels and region labels (int32), the instance ids (uint16), the PNG and its base64
+           working_bytes=lambda k: 16, too_large_hint="raise min_area, ask for fewer classes, or use format=png"),
     Format("overlay", "image/jpeg", ("image/jpeg",), _overlay,
            # JPEG at quality 90 stays under the raw RGB even for noise; the tables and legend on top
-           lambda w, h, _: 3 * w * h + 4096, needs_image=True),
+           lambda w, h, _: 3 * w * h + 4096, needs_image=True,
+           # the class subset's copy, the RGB pixels blended in place and their bytes, the tinted image, the JPEG
+           working_bytes=lambda k: 13, too_large_hint="send a smaller image, or use format=png"),
     Format("probs", "application/x-npy", ("application/x-npy",), _probs,
            # float16 per class and pixel (the .npy header aside)
            lambda w, h, k: k * w * h * 2, needs_probs=True, capped=True,
-           too_large_hint="ask for fewer classes (classes=...), send a smaller image, or use format=png"),
+           too_large_hint="ask for fewer classes (classes=...), send a smaller image, or use format=png",
+           working_bytes=lambda k: 6 * k),
 )}
 DEFAULT = "json"
 
@@ -140,5 +166,17 @@ def check_size(entry: Format, width: int, height: int, classes: int, limits: Lim
     size = entry.estimate(width, height, classes)
     limit = limits.max_response_bytes
     if size > limit:
-        raise PayloadTooLarge(f"format={entry.name} for this {width}x{height} image would be {size} bytes; the limit "
+        raise ResponseTooLarge(f"format={entry.name} for this {width}x{height} image would be {size} bytes; the limit "
                               f"is {limit} (max_response_bytes): {entry.too_large_hint}")
+
+
+def encode(entry: Format, job: EncoderInput) -> bytes:
+    """The format's answer, refused (413) when it came out over max_response_bytes: the last of the three checks,
+    for every format, so TorchServe's frame limit is never reached whatever the estimates missed."""
+    body = entry.encode(job)
+    limit = job.config.limits.max_response_bytes
+    if len(body) > limit:
+        height, width = job.output.shape[-2:]
+        raise ResponseTooLarge(f"format={entry.name} for this {width}x{height} image came to {len(body)} bytes; the "
+                               f"limit is {limit} (max_response_bytes): {entry.too_large_hint}")
+    return body

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import formats
 from .config import MAX_SMOOTH_RADIUS, SMOOTH_METHODS, ServingConfig
-from .errors import InvalidOption
+from .errors import InvalidOption, shown
 from .masks import PostProcess
 
 POSTPROCESS_OPTIONS = ("threshold", "smooth", "smooth_method", "fill_holes", "min_area")
@@ -65,7 +65,7 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
     fields = raw_options(inputs)
     unknown = sorted(set(fields) - set(OPTION_NAMES))
     if unknown:
-        raise InvalidOption(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
+        raise InvalidOption(f"unknown option {shown(unknown[0])}; the options are: {', '.join(OPTION_NAMES)}")
     name = _format(fields.get("format"), headers)
     asked = [key for key in POSTPROCESS_OPTIONS if fields.get(key) not in (None, "")]
     if asked and formats.get(name).needs_probs:
@@ -94,7 +94,7 @@ def _format(value: Any, headers: dict[str, Any]) -> str:
     if value is not None:
         name = str(value).strip().lower()
         if name not in formats.REGISTRY:
-            raise InvalidOption(f"format={name!r} is not supported; use one of: {', '.join(formats.REGISTRY)}")
+            raise InvalidOption(f"format={shown(name)} is not supported; use one of: {', '.join(formats.REGISTRY)}")
         return name
     negotiated = formats.for_accept(request_header(headers, "accept") or "")
     return negotiated.name if negotiated is not None else formats.DEFAULT
@@ -110,10 +110,11 @@ def parse_classes(value: Any, config: ServingConfig) -> tuple[int, ...] | None:
         item = str(item).strip()
         if item in by_name:
             ids.append(by_name[item])
-        elif item.isdigit() and int(item) < config.num_classes:
+        elif item.isascii() and item.isdigit() and len(item) <= 3 and int(item) < config.num_classes:
+            # ASCII digits only (str.isdigit takes "²", which int() refuses); at most 256 classes
             ids.append(int(item))
         else:
-            raise InvalidOption(f"classes: {item!r} is not a class of this model; use names or ids from: "
+            raise InvalidOption(f"classes: {shown(item)} is not a class of this model; use names or ids from: "
                                 + ", ".join(f"{c.id}={c.name}" for c in config.classes))
     return tuple(sorted(set(ids)))
 
@@ -125,7 +126,7 @@ def _whole(value: Any, name: str, default: int, maximum: int | None = None) -> i
     text = str(value).strip()
     span = f"0..{maximum}" if maximum is not None else ">= 0"
     if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or len(text) > 12:
-        raise InvalidOption(f"{name} must be a whole number of pixels, {span}, got {_shown(value)}")
+        raise InvalidOption(f"{name} must be a whole number of pixels, {span}, got {shown(value)}")
     number = int(text)
     if maximum is not None and number > maximum:
         raise InvalidOption(f"{name} must be a whole number of pixels, {span}, got {number}")
@@ -138,7 +139,7 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     except ValueError:
         number = None
     if number is None or not low <= number <= high:  # NaN fails both comparisons
-        raise InvalidOption(f"{name} must be a number in [{low:g}, {high:g}], got {_shown(value)}")
+        raise InvalidOption(f"{name} must be a number in [{low:g}, {high:g}], got {shown(value)}")
     return number
 
 
@@ -150,7 +151,7 @@ def _flag(value: Any, name: str, default: bool = False) -> bool:
     text = str(value).strip().lower()
     if text in TRUE or text in FALSE:
         return text in TRUE if text else default
-    raise InvalidOption(f"{name} must be true or false, got {_shown(value)}")
+    raise InvalidOption(f"{name} must be true or false, got {shown(value)}")
 
 
 def _smooth_method(value: Any, default: str) -> str:
@@ -158,14 +159,8 @@ def _smooth_method(value: Any, default: str) -> str:
         return default
     method = str(value).strip().lower()
     if method not in SMOOTH_METHODS:
-        raise InvalidOption(f"smooth_method={_shown(method)} is not supported; use one of: {', '.join(SMOOTH_METHODS)}")
+        raise InvalidOption(f"smooth_method={shown(method)} is not supported; use one of: {', '.join(SMOOTH_METHODS)}")
     return method
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """A client's value as an error message quotes it: repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def _tile(value: Any) -> str:
@@ -173,5 +168,5 @@ def _tile(value: Any) -> str:
         return "auto"
     mode = str(value).strip().lower()
     if mode not in TILE_MODES:
-        raise InvalidOption(f"tile={mode!r} is not supported; use one of: {', '.join(TILE_MODES)}")
+        raise InvalidOption(f"tile={shown(mode)} is not supported; use one of: {', '.join(TILE_MODES)}")
     return mode

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -35,10 +36,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, heads, tiling, v2
+from . import decode, formats, heads, tiling, v2
 from .config import ServingConfig
 from .decode import ImageFile
-from .errors import InternalError, RequestError
+from .errors import InternalError, RequestError, truncated
 from .families import load_model
 from .formats import EncoderInput
 from .masks import MaskSet, postprocess
@@ -329,7 +330,7 @@ class Segmenter:
             body, content_type, headers = v2.answer(output.labels, plan.v2, self.config)
             return Response(200, content_type, body, headers=headers)
         return Response(200, plan.format.content_type,
-                        plan.format.encode(EncoderInput(output, plan.options, self.config, image)))
+                        formats.encode(plan.format, EncoderInput(output, plan.options, self.config, image)))
 
     # -- in-process use ------------------------------------------------------------------------
     def predict(self, images: list[Image.Image], tile: str = "auto") -> list[np.ndarray]:
@@ -361,12 +362,25 @@ class Segmenter:
             yield
         except RequestError as error:
             logger.info("request %s %s: %s %s: %s", name, stage.verb, error.status, error.type, error.message)
-            batch.fail(index, error, respond(error))
+            batch.fail(index, error, _answer(error, respond))
         except Exception as exc:  # a bug of ours, or e.g. out of GPU memory, must not take the batch down
-            logger.exception("request %s: unexpected error %s", name, stage.doing)
+            # The traceback, cut: an exception's text may quote what the client sent.
+            logger.error("request %s: unexpected error %s\n%s", name, stage.doing, truncated(
+                "".join(traceback.format_exception(exc)), TRACEBACK_CHARS, keep_end=True))
             error = InternalError(stage.internal)
             error.__cause__ = exc
-            batch.fail(index, error, respond(error))
+            batch.fail(index, error, _answer(error, respond))
+
+
+TRACEBACK_CHARS = 8000  # of an unexpected error's traceback in the log
+
+
+def _answer(error: RequestError, respond: Callable[[RequestError], Response]) -> Response:
+    """The request's error answer; segserve's plain JSON error if its own protocol's cannot be made."""
+    try:
+        return respond(error)
+    except Exception:  # noqa: BLE001 - e.g. a v2 body too broken to name its id: still this request's own answer
+        return error_response(error)
 
 
 def request_name(request_id: str | None, index: int) -> str:

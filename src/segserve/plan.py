@@ -10,7 +10,11 @@ From the request (its protocol, options and format) and its image header (Pillow
   answer is not drawn on the image);
 - what inference makes for the encoder: a uint8 mask at the image's size, or float16 class
   probabilities; and whether the encoder needs the decoded image;
-- the REST format (segserve.formats), with its response-size check (413 before any work).
+- the REST format (segserve.formats), with its response-size check (413 before any work);
+- what the request will cost, refused (413, naming the limit) before any pixel is decoded where it can be
+  known: its sliding windows (`max_windows`) and its peak memory (`max_request_memory`, `request_memory`:
+  pixels x bytes per pixel of its decoder, its inference path and its format's encoder). A request's
+  fields are counted and sized (`max_fields`, `max_option_bytes`) before any of them is parsed.
 The Plan is frozen: decoding, inference and encoding follow it and decide nothing again.
 """
 
@@ -22,11 +26,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import decode, formats, v2
-from .config import ServingConfig
+from . import decode, formats, tiling, v2
+from .config import Limits, ServingConfig
 from .decode import ImageFile
+from .errors import BadRequest, LimitExceeded, shown
 from .formats import Format
-from .options import Options, parse_options, parse_postprocess
+from .options import IMAGE_FIELDS, Options, parse_options, parse_postprocess
 from .tiling import should_tile
 from .v2 import V2Request
 
@@ -76,31 +81,115 @@ class Planner:
     def plan(self, index: int, request_id: str | None, inputs: dict[str, Any], headers: dict[str, Any],
              is_v2: bool) -> tuple[Plan, Source]:
         """The request's plan and where its pixels come from; RequestError if it cannot be answered."""
+        check_fields(inputs, self.config.limits)
         if is_v2:
             request, source = v2.parse(inputs, headers, self.config)
-            width, height = (source.header.width, source.header.height) if isinstance(source, ImageFile) else \
-                source.size
+            decoded = isinstance(source, Image.Image)
+            for width, height in (source.size,) if decoded else source.sizes:
+                v2.check_size(width, height, request, self.config)
+                self.check_memory(width, height, tiled=False, entry=None, classes=self.config.num_classes,
+                                  decode_bytes=0 if decoded else source.decode_bytes)
+            width, height = source.size if decoded else (source.header.width, source.header.height)
             # v2 answers the mask of the whole image resized to the model input, decoded in full.
             return Plan(index, request_id, width, height, tiled=False, decoder=PILLOW, reduce=False, output=MASK,
                         keep_image=False, options=Options(post=parse_postprocess({}, self.config)), v2=request), source
         options = parse_options(inputs, headers, self.config)
         entry = formats.get(options.format)
         file = ImageFile(decode.extract_image_bytes(inputs, content_types(headers)), self.config.limits)
+        classes = len(options.classes) if options.classes else self.config.num_classes
+        for width, height in file.sizes:  # both turns of a PNG whose orientation only decoding tells
+            formats.check_size(entry, width, height, classes, self.config.limits)
+            tiled = should_tile(width, height, options.tile, self.config)
+            if tiled:
+                self.check_windows(width, height, options.tile)
+            self.check_memory(width, height, tiled, entry, classes, file.decode_bytes)
         header = file.header
         tiled = should_tile(header.width, header.height, options.tile, self.config)
         # Windows are cut from the image at its own scale; an answer drawn on the image needs all of it.
         full_scale = tiled or entry.needs_image
         # Not CMYK JPEGs: torchvision's colours differ from Pillow's.
         batched = self.batch_decode and not full_scale and header.format == "JPEG" and header.mode in ("RGB", "L")
-        classes = len(options.classes) if options.classes else self.config.num_classes
-        formats.check_size(entry, header.width, header.height, classes, self.config.limits)
         return Plan(index, request_id, header.width, header.height, tiled=tiled,
                     decoder=TORCHVISION if batched else PILLOW, reduce=not full_scale,
                     output=PROBS if entry.needs_probs else MASK, keep_image=entry.needs_image, format=entry,
                     options=options), file
+
+    def check_windows(self, width: int, height: int, tile: str) -> None:
+        """Refuse (413) a tiled request over max_windows: a thin image needs a window per few rows."""
+        config = self.config
+        windows = tiling.window_count(width, height, config.tile_size, config.tiling.overlap)
+        limit = config.limits.max_windows
+        if windows > limit:
+            hint = "send tile=off to have the whole image resized to the model input, or crop or split it" \
+                if tile != "off" else "crop or split it"
+            raise LimitExceeded(f"tiling this {width}x{height} image takes {windows} windows of "
+                                f"{config.tile_size[1]}x{config.tile_size[0]}; the limit is {limit} (max_windows): "
+                                f"{hint}")
+
+    def check_memory(self, width: int, height: int, tiled: bool, entry: Format | None, classes: int,
+                     decode_bytes: int) -> None:
+        """Refuse (413) a request whose estimated peak memory is over max_request_memory."""
+        need = request_memory(self.config, width, height, tiled=tiled, entry=entry, classes=classes,
+                              decode_bytes=decode_bytes)
+        limit = self.config.limits.max_request_memory
+        if need > limit:
+            fewer = ", ask for fewer classes" if entry is not None and entry.needs_probs else ""
+            raise LimitExceeded(f"this {width}x{height} request would need about {need // 1_000_000} MB of memory; "
+                                f"the limit is {limit // 1_000_000} MB (max_request_memory): send a smaller "
+                                f"image{fewer}")
 
     def for_image(self, index: int, image: Image.Image, tile: str) -> Plan:
         """The plan for a decoded RGB image answered in-process with its mask (`tile` as the request option)."""
         return Plan(index, None, image.width, image.height,
                     tiled=should_tile(image.width, image.height, tile, self.config), decoder=PILLOW, reduce=False,
                     output=MASK, keep_image=False, options=Options(tile=tile, post=parse_postprocess({}, self.config)))
+
+
+# Bytes per pixel of the stages after decoding (see request_memory): the mask (uint8), the decoded RGB image
+# the tiled path and overlay keep (Pillow holds RGB in 4 bytes), float16 probabilities per class.
+MASK_BYTES, IMAGE_BYTES, PROB_BYTES = 1, 4, 2
+
+
+def request_memory(config: ServingConfig, width: int, height: int, *, tiled: bool, entry: Format | None,
+                   classes: int, decode_bytes: int) -> int:
+    """One request's estimated peak memory in bytes, the largest of its stages':
+    - decoding: `decode_bytes` per pixel (ImageFile.decode_bytes);
+    - inference, resized: the logits of every class upsampled to the image's size (float32, channels last), their
+      argmax and its class ids (int64), the mask; for probabilities the softmax and the classes asked for
+      (float32, then float16); tiled: the image, the output and one row of windows' blended logits
+      (tiling.band_bytes);
+    - encoding: the output, the image if the format draws on it, and the format's working bytes per pixel.
+    `entry` None: a v2 answer (a mask, encoded as a tensor or a PNG)."""
+    pixels = width * height
+    everything = config.num_classes
+    probs = entry is not None and entry.needs_probs
+    keep_image = IMAGE_BYTES if entry is not None and entry.needs_image else 0
+    output = PROB_BYTES * classes if probs else MASK_BYTES
+    if tiled:
+        inference = pixels * (IMAGE_BYTES + output) + tiling.band_bytes(width, everything, config.tile_size)
+    else:
+        upsampled = (8 * everything + 6 * classes) if probs else (4 * everything + 26)
+        inference = pixels * (upsampled + keep_image)
+    working = entry.working_bytes(classes) if entry is not None else v2.WORKING_BYTES
+    extra = entry.working_extra(pixels, config.limits) if entry is not None else 0
+    encoding = pixels * (output + keep_image + working) + extra
+    return int(max(pixels * decode_bytes, inference, encoding))
+
+
+def check_fields(inputs: dict[str, Any], limits: Limits) -> None:
+    """Refuse (400) a request with more fields than max_fields, or an option value longer than max_option_bytes,
+    before any field is parsed: a form of 400,000 empty fields costs nothing more than its 400."""
+    body = inputs.get("body")
+    options = body if isinstance(body, dict) and not isinstance(body.get("inputs"), list) else {}  # not v2's
+    count = (len(inputs) - sum(key in inputs for key in IMAGE_FIELDS)
+             + len(options) - ("image" in options))  # counted, not listed: 400,000 fields must cost nothing
+    if count > limits.max_fields:
+        raise BadRequest(f"the request has {count} fields besides the image; the limit is {limits.max_fields} "
+                         "(max_fields): send the image and the options it needs (docs/api.md#options)")
+    fields = [*((k, v) for k, v in inputs.items() if k not in IMAGE_FIELDS),
+              *((k, v) for k, v in options.items() if k != "image")]
+    for key, value in fields:
+        size = len(value) if isinstance(value, (str, bytes, bytearray, list, dict)) else 0
+        if size > limits.max_option_bytes:
+            raise BadRequest(f"the option {shown(key)} is {size} long; the limit is {limits.max_option_bytes} "
+                             "(max_option_bytes): options are short words and numbers")

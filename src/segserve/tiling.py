@@ -53,6 +53,25 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
     return [*range(0, length - window, stride), length - window]
 
 
+def window_count(width: int, height: int, tile: tuple[int, int], overlap: float) -> int:
+    """How many windows blended_bands runs for an image: known from its size, before any pixel is decoded."""
+    def along(length: int, window: int) -> int:
+        if length <= window:
+            return 1
+        stride = max(1, int(window * (1 - overlap)))
+        return -(-(length - window) // stride) + 1  # len(window_starts(length, window, overlap))
+
+    return along(height, tile[0]) * along(width, tile[1])
+
+
+def band_bytes(width: int, classes: int, tile: tuple[int, int]) -> int:
+    """Memory blended_bands holds for one row of windows: the weighted logits of a band of the image's width
+    (and the previous band's overlap), the weights, the blended band handed on and its argmax: it grows with
+    the image's width, not its area (float32 logits, int64 argmax)."""
+    padded_width = max(width, tile[1])
+    return tile[0] * padded_width * (12 * classes + 17)
+
+
 def gaussian_importance_map(tile: tuple[int, int], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
     """float32 (height, width) weights: a Gaussian centred on the window, peak 1, symmetric, > 0."""
     axes = []
