@@ -90,6 +90,12 @@ def _polygons(job: EncoderInput) -> bytes:
     return encoders.polygons_response(job.output, job.config, job.options.classes)
 
 
+def _coco(job: EncoderInput) -> bytes:
+    from .coco import coco_response
+
+    return coco_response(job.output, job.config, job.options.classes)
+
+
 def _instances(job: EncoderInput) -> bytes:
     return encoders.instances_response(job.output, job.config, job.options.classes, job.options.instance_mask)
 
@@ -126,6 +132,10 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            working_bytes=lambda k: 14,
            working_extra=lambda pixels, limits: 200 * min(limits.max_polygon_vertices, 4 * pixels),
            too_large_hint="use format=rle or png, or min_area=... to drop small regions"),
+    Format("coco", "application/json", (), _coco,
+           # rle's counts per class, in COCO's annotations file
+           lambda w, h, k: _summary_bytes(k) + k * (2 * w * h + 64), working_bytes=lambda k: 12 + 4 * k,
+           too_large_hint="use format=png, or min_area=... to drop small regions"),
     Format("instances", "application/json", (), _instances,
            # at most one region per 4 pixels of a class (8-connected), ~160 bytes each, plus the uint16 PNG
            lambda w, h, k: _summary_bytes(k) + k * (w * h // 4 + 1) * 160 + 4 * (2 * _png_bytes(w, h) // 3 + 1),
