@@ -160,6 +160,23 @@ def test_image_runs_as_non_root_with_no_compiler_no_secret_and_the_repositorys_c
     assert shipped == (REPO / "config.properties").read_text()
 
 
+def test_gpu_image_builds_on_the_same_base_with_cuda_wheels(image):
+    """docker/Dockerfile.gpu on the build arguments the CPU image got (a stand-in base where no registry is
+    reachable; its layers up to the dependencies are the CPU image's when the wheel source is the same).
+    Running it needs a GPU host; here torch only says it was built for CUDA and finds none."""
+    name = "segserve:gpu-test"
+    subprocess.run(["make", "--no-print-directory", "image", "DOCKERFILE=docker/Dockerfile.gpu", f"IMAGE={name}",
+                    f"CONTAINER_ENGINE={ENGINE}"], cwd=REPO, check=True, timeout=3600, capture_output=True)
+    try:
+        env = json.loads(engine("image", "inspect", "--format", "{{json .Config.Env}}", name).stdout)
+        assert "NVIDIA_VISIBLE_DEVICES=all" in env and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
+        built = engine("run", "--rm", "--entrypoint", "python", name, "-c",
+                       "import torch; print(torch.version.cuda is not None, torch.cuda.is_available())").stdout
+        assert built.split() == ["True", "False"]
+    finally:
+        engine("rmi", name, check=False)
+
+
 def test_readme_requests_answer_the_in_process_mask(container, handler):
     sample = (REPO / "docs" / "sample-input.png").read_bytes()
     expected = np.asarray(Image.open(io.BytesIO(ask(handler, {"body": sample}, {"Accept": "image/png"}).body)))

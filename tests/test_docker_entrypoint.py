@@ -227,3 +227,19 @@ def test_entrypoint_serves_health_outlives_key_expiry_and_sigterm_drains(tmp_pat
         assert "request(s) in flight" in (tmp_path / "out.log").read_text()
     finally:
         stop_process_group(process.pid)
+
+
+def test_gpu_dockerfile_is_the_cpu_one_with_cuda_wheels():
+    """Dockerfile.gpu differs from Dockerfile only in its header, its torch wheel source, the NVIDIA variables
+    and a longer health-check start period, so the two cannot drift (and share their layers up to deps)."""
+    def body(name: str) -> list[str]:
+        lines = (REPO / "docker" / name).read_text().splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.startswith("ARG BASE_IMAGE")):]
+
+    cpu, gpu = body("Dockerfile"), body("Dockerfile.gpu")
+    allowed = {"ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu", "ARG TORCH_INDEX_URL=",
+               "    SEGSERVE_WORKDIR=/home/model-server/run", "    SEGSERVE_WORKDIR=/home/model-server/run \\",
+               "    NVIDIA_VISIBLE_DEVICES=all \\", "    NVIDIA_DRIVER_CAPABILITIES=compute,utility"}
+    differing = {line for line in set(cpu) ^ set(gpu) if not line.startswith("HEALTHCHECK")}
+    assert differing <= allowed, sorted(differing - allowed)
+    assert [line for line in cpu if not line.startswith("HEALTHCHECK")][-1] == gpu[-1]  # same ENTRYPOINT

@@ -95,11 +95,12 @@ def test_runtime_container_is_hardened_as_the_restricted_pod_security_standard_a
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000  # the image's USER
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]} and security["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert "privileged" not in security  # Knative before 1.17 refuses the field even when false
-    # Writable: only the emptyDirs, where TorchServe writes (the entrypoint's SEGSERVE_WORKDIR and /tmp).
+    assert "privileged" not in security  # older Knative refuses the field even when false (knative/serving#15643)
+    # Writable: only the emptyDir where TorchServe writes (the image's SEGSERVE_WORKDIR; tests/test_container.py
+    # runs the image with only that writable).
     image_env = dict(re.findall(r"(SEGSERVE_WORKDIR)=(\S+)", (REPO / "docker" / "Dockerfile").read_text()))
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert set(mounts) == {image_env["SEGSERVE_WORKDIR"], "/tmp"}
+    assert set(mounts) == {image_env["SEGSERVE_WORKDIR"]}
     assert {v["name"] for v in runtime["volumes"] if "emptyDir" in v} == set(mounts.values())
     for name in ("inferenceservice.yaml", "inferenceservice-gpu.yaml"):
         predictor = manifest(name)["spec"]["predictor"]

@@ -111,3 +111,14 @@ def test_an_override_needs_a_key_a_one_line_value_and_a_reason():
     with pytest.raises(ValueError, match="model_store overridden twice"):
         torchserve_config.derive(BASE, "test", [Override("model_store", "a", "one"),
                                                 Override("model_store", "b", "two")])
+
+
+def test_container_and_make_serve_settings_differ_only_in_where_they_listen_and_what_they_load(tmp_path, model_store):
+    """The entrypoint's config.properties and make serve's, side by side: one source, so only the keys each
+    deployment must set differ (tests/test_container.py checks the file TorchServe reads in the image)."""
+    (tmp_path / "local").mkdir()
+    local = read_properties(written("local", tmp_path / "local", model_store))
+    container = read_properties(written("container", tmp_path / "container", model_store))
+    differing = {key for key in set(local) | set(container) if local.get(key) != container.get(key)}
+    assert differing <= ADDRESSES | {"model_store", "load_models", "model_snapshot"}, sorted(differing)
+    assert {key: local[key] for key in PINNED} == {key: container[key] for key in PINNED}
