@@ -70,8 +70,9 @@ class Segmenting(BaseHTTPRequestHandler):
             return self._json(200, {"models": [{"modelName": "segmenter", "modelUrl": "segmenter.mar"}]})
         if self.path.startswith("/models/segmenter"):
             described = {"modelName": "segmenter", "modelVersion": "1.0", "batchSize": 4,
-                         "workers": [{"id": "9000", "status": "READY"}],
-                         "customizedMetadata": json.dumps({"head": "softmax", "classes": CLASSES})}
+                         "workers": [{"id": "9000", "status": "READY"}]}
+            if "customized=true" in self.path and "/all" not in self.path:  # as TorchServe: one version at a time
+                described["customizedMetadata"] = json.dumps({"head": "softmax", "classes": CLASSES})
             return self._json(200, [described])
         self._json(404, {"code": 404, "type": "ResourceNotFoundException", "message": "not found"})
 

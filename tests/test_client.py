@@ -602,7 +602,7 @@ def test_predict_many_isolates_a_bad_file(client, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     paths.insert(2, bad)
-    results = client.predict_many(paths, workers=3, progress=False, format="png")
+    results = list(client.predict_many(paths, workers=3, progress=False, format="png", ordered=True))
     assert isinstance(results[2], SegservError) and results[2].status == 400
     assert all(r.mask().shape == (96, 120) for i, r in enumerate(results) if i != 2)
 
@@ -628,7 +628,7 @@ def test_cli_end_to_end(server, tmp_path, capsys):
     assert main(["health", *keys, "--management-url", server.management_url]) == 0
     assert '"READY"' in capsys.readouterr().out
     assert main(["predict", str(img1), "--out", str(out), "--no-progress", "--url", server.inference_url,
-                 "--token", "wrong", "--retries", "0"]) == 1
+                 "--token", "wrong", "--retries", "0", "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "InvalidKeyException" in err and "refused the inference token from the token argument" in err
     assert main(["health", "--url", server.inference_url, "--token", "wrong", "--retries", "0"]) == 1

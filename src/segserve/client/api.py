@@ -186,9 +186,10 @@ def as_pil(image: ImageInput) -> Image.Image:
 
 
 def blend(image: Image.Image, mask: np.ndarray, palette: list[int], alpha: float = 0.45) -> Image.Image:
-    """The class colours of `palette` (a PNG palette, [r, g, b, ...]) blended over `image` where the mask is not
-    background, and each region's boundary drawn in its full colour, so the regions read against any stain."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """`image` in grey with the class colours of `palette` (a PNG palette, [r, g, b, ...]) blended over it where the
+    mask is not background and each region's boundary in its full colour: drawn as the server's overlay format
+    is, so the regions read against a stain of any hue."""
+    rgb = np.asarray(image.convert("L"), dtype=np.float32)[..., None].repeat(3, axis=2)
     if rgb.shape[:2] != mask.shape:
         raise InputError(0, "size_mismatch", f"the image is {rgb.shape[1]}x{rgb.shape[0]} but the mask "
                                              f"{mask.shape[1]}x{mask.shape[0]}: pass the image that was sent")
@@ -431,7 +432,11 @@ class SegservClient:
                 break
         described = []
         for name in names:
-            for version in self._management("GET", f"/models/{name}/all", params={"customized": "true"}):
+            # TorchServe adds customizedMetadata for one version at a time: list the versions, then describe each.
+            for listed in self._management("GET", f"/models/{name}/all"):
+                version_name = listed.get("modelVersion")
+                path = f"/models/{name}/{version_name}" if version_name else f"/models/{name}"
+                (version,) = self._management("GET", path, params={"customized": "true"})[:1] or [listed]
                 metadata = version.get("customizedMetadata")
                 if isinstance(metadata, str):  # TorchServe passes the handler's JSON through as a string
                     try:
