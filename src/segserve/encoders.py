@@ -185,13 +185,24 @@ def overlay_jpeg(image: Image.Image, mask: np.ndarray, config: ServingConfig, qu
 
 def overlay(image: Image.Image, mask: np.ndarray, config: ServingConfig, alpha: float = 0.45,
             legend: bool = True) -> Image.Image:
-    """The input with the mask's class colours blended over it (background left clear) and a small legend."""
+    """The input in grey with the mask's class colours blended over it (background left uncoloured), each region
+    outlined in its full class colour, and a small legend. Grey, so that the only colour is the mask's: a
+    fluorescence stain often has the class colour's own hue (green cytoplasm, blue nuclei)."""
     from PIL import ImageDraw
 
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colors = np.array([c.color for c in config.classes], dtype=np.float32)
-    tinted = rgb * (1 - alpha) + colors[mask] * alpha
-    out = np.where((mask > 0)[..., None], tinted, rgb)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None].repeat(3, axis=2)
+    colors = np.zeros((256, 3), np.float32)
+    colors[[c.id for c in config.classes]] = [c.color for c in config.classes]
+    foreground = mask > 0
+    out = np.where(foreground[..., None], grey * (1 - alpha) + colors[mask] * alpha, grey)
+    edge = np.zeros(mask.shape, bool)  # a region's own pixels next to (4-neighbour) another class
+    across, down = mask[:, :-1] != mask[:, 1:], mask[:-1, :] != mask[1:, :]
+    edge[:, :-1] |= across
+    edge[:, 1:] |= across
+    edge[:-1, :] |= down
+    edge[1:, :] |= down
+    edge &= foreground
+    out[edge] = colors[mask[edge]]
     result = Image.fromarray(out.round().astype(np.uint8), "RGB")
     if legend:
         draw = ImageDraw.Draw(result)
