@@ -14,16 +14,20 @@ SOAK_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
 MAR_ARGS ?=
 
-.PHONY: help install serve stop status mar train evaluate test test-unit lint fixup figures bench bench-tiling soak clean kserve-layout image test-container
+# Options for segserve ui, e.g. make ui UI_ARGS="--port 8091 --open"
+UI_ARGS ?=
+
+.PHONY: help install serve stop status ui mar train evaluate test test-unit lint fixup figures bench bench-tiling soak clean kserve-layout image test-container
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
 	@echo "                (SEGSERVE_MODELS=all make serve loads every archive in model-store/)"
 	@echo "make stop       stop the server started by make serve"
+	@echo "make ui         a page to try the served model: http://127.0.0.1:8090 (drop an image, see the overlay)"
 	@echo "make test       run unit and integration tests (starts real TorchServe on free ports)"
 	@echo "make test-unit  only the tests that need no TorchServe"
 	@echo "make mar        build $(MAR); other models: make mar MAR_ARGS=\"--arch ... --weights ...\""
-	@echo "make train      retrain the default model into $(WEIGHTS) (~10 min on 2 cores)"
+	@echo "make train      retrain the default model into $(WEIGHTS) (~7 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png and docs/architecture-*.png (checks the worker boundary)"
 	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (15+ min)"
@@ -60,6 +64,9 @@ stop:
 
 status: $(STAMP)
 	$(PY) -m segserve.tools.server status
+
+ui: $(STAMP)
+	$(PY) -m segserve.client.cli ui $(UI_ARGS)
 
 train: $(STAMP)
 	$(PY) model/train.py --out $(WEIGHTS)

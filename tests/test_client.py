@@ -19,7 +19,19 @@ import requests
 from PIL import Image
 from support import encode_image
 
-from segserve.client import Prediction, SegservClient, SegservError, read_key, resolve_token
+from segserve.client import (
+    FormatError,
+    InputError,
+    InputTypeError,
+    KeyFileError,
+    Prediction,
+    SegservClient,
+    SegservError,
+    ServerRefused,
+    Unreachable,
+    read_key,
+    resolve_token,
+)
 from segserve.client import api as client_module
 from segserve.client.cli import main
 from segserve.tools.synthetic import generate_scene
@@ -98,10 +110,10 @@ def test_token_resolution_order(no_env, monkeypatch):
 
 
 def test_named_key_file_must_exist_and_be_a_key_file(no_env, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(KeyFileError, match="nope.json"):
         read_key("inference", no_env / "nope.json")
     monkeypatch.setenv("SEGSERVE_KEY_FILE", str(no_env / "missing.json"))
-    with pytest.raises(FileNotFoundError, match="SEGSERVE_KEY_FILE"):
+    with pytest.raises(KeyFileError, match="SEGSERVE_KEY_FILE"):
         SegservClient()
     (no_env / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a TorchServe key file"):
@@ -177,7 +189,7 @@ def test_unreachable_server_is_a_clear_error(no_env, sleeps):
     session = FakeSession(requests.ConnectionError("refused"))
     with pytest.raises(SegservError, match=r"cannot reach http://127.0.0.1:1 .*3 attempts.*--url") as info:
         SegservClient("http://127.0.0.1:1", token="t", retries=2, session=session).predict(b"x")
-    assert info.value.status == 0 and len(session.calls) == 3
+    assert info.value.status == 0 and len(session.calls) == 3 and isinstance(info.value, Unreachable)
 
 
 def test_request_is_multipart_with_options_as_form_fields(no_env, tmp_path):
@@ -209,7 +221,7 @@ def test_prediction_helpers(tmp_path):
                                                          "application/x-npy", "text/x")] == [".json", ".jpg",
                                                                                               ".npy", ".bin"]
     assert as_png.save(tmp_path / "m.png").read_bytes() == png
-    with pytest.raises(ValueError, match="format='png'"):
+    with pytest.raises(FormatError, match="format='png'"):
         Prediction(200, "image/jpeg", b"").mask()
 
 
@@ -228,18 +240,22 @@ def test_predict_many_keeps_order_and_puts_each_failure_in_its_slot(no_env, tmp_
         paths.append(tmp_path / name)
         paths[-1].write_bytes(b"...")
     paths.insert(3, tmp_path / "missing.png")
-    results = SegservClient(token="t", session=Slow()).predict_many(paths, workers=3, progress=False, format="png")
+    results = list(SegservClient(token="t", session=Slow()).predict_many(paths, workers=3, progress=False,
+                                                                          format="png", ordered=True))
     assert [r.mask().shape[0] if isinstance(r, Prediction) else r.type for r in results] == [
         1, 2, "invalid_image", "unreadable_file", 3]
+    assert [r.index for r in results] == [0, 1, 2, 3, 4] and [r.source for r in results] == paths
+    assert isinstance(results[2], ServerRefused) and isinstance(results[3], InputError)
 
 
 def test_predict_many_stops_sending_once_the_server_refuses_an_option(no_env):
     refusal = {"code": 400, "type": "invalid_option", "message": "format='gif' is not supported; use one of: png"}
     session = FakeSession(response(400, refusal))
-    results = SegservClient(token="t", session=session).predict_many([b"img"] * 6, workers=2, progress=False,
-                                                                     format="gif")
+    results = list(SegservClient(token="t", session=session).predict_many([b"img"] * 6, workers=2, progress=False,
+                                                                          format="gif"))
     assert len(session.calls) == 2  # the two in flight; the other four would be refused the same way
     assert [(r.status, r.type, r.message) for r in results] == [(400, "invalid_option", refusal["message"])] * 6
+    assert sorted(r.index for r in results) == list(range(6))
 
 
 def test_health_needs_ping_and_a_ready_worker(no_env):
@@ -257,6 +273,215 @@ def test_health_needs_ping_and_a_ready_worker(no_env):
     assert len(session.calls) == 1
     refused = SegservClient(token="t", session=FakeSession(response(400, INVALID_KEY))).health()
     assert not refused["healthy"] and "refused the inference token" in refused["error"]
+
+
+def palette_image(labels: np.ndarray, palette: list[int] | None = None) -> Image.Image:
+    image = Image.frombytes("P", labels.shape[::-1], labels.tobytes())
+    image.putpalette(palette or [v for i in range(256) for v in (i, i, i)])  # distinct: PNG keeps every index
+    return image
+
+
+def _sent_image(call) -> np.ndarray:
+    name, data, media = call["files"]["data"]
+    assert (name, media) == ("image.png", "image/png")
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_numpy_and_pil_images_are_sent_as_lossless_png(no_env):
+    session = FakeSession(response(200, {"ok": True}))
+    client = SegservClient(token="t", session=session)
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    gray = rgb[..., 0].copy()
+    deep = (gray.astype(np.uint16) * 257)
+    for image, expected in ((rgb, rgb), (gray, gray), (gray[..., None], gray), (deep, deep),
+                            (Image.fromarray(rgb), rgb), (rgb[:, ::-1], rgb[:, ::-1])):
+        client.predict(image)
+        assert np.array_equal(_sent_image(session.calls[-1]), expected)
+
+
+@pytest.mark.parametrize("image, kind, message", [
+    (np.zeros((4, 4), np.float32), InputError, "float32 array of shape (4, 4)"),
+    (np.zeros((4, 4, 2), np.uint8), InputError, "(H, W, 3) uint8"),
+    (np.zeros(4, np.uint8), InputError, "shape (4,)"),
+    (42, InputTypeError, "cannot send a int: pass a path, image bytes, a numpy array"),
+    ([[0, 1]], InputTypeError, "cannot send a list"),
+])
+def test_an_image_the_client_cannot_send_is_a_clear_error(no_env, image, kind, message):
+    session = FakeSession(response(200, {"ok": True}))
+    with pytest.raises(kind) as info:
+        SegservClient(token="t", session=session).predict(image)
+    assert message in info.value.message and isinstance(info.value, SegservError) and session.calls == []
+    if kind is InputTypeError:
+        assert isinstance(info.value, TypeError)  # `except TypeError` still catches it
+    else:
+        assert isinstance(info.value, ValueError)
+
+
+def test_predict_many_captures_every_per_image_error(no_env, tmp_path):
+    ok = response(200, png_bytes(2, 2), "image/png")
+    images = [b"img", 42, np.zeros((2, 2), np.float64), tmp_path / "missing.png", Image.new("RGB", (2, 2))]
+    results = list(SegservClient(token="t", session=FakeSession(ok)).predict_many(images, progress=False,
+                                                                                   ordered=True))
+    assert [type(r).__name__ for r in results] == ["Prediction", "InputTypeError", "InputError", "InputError",
+                                                   "Prediction"]
+    assert [r.type for r in results[1:4]] == ["unsupported_input", "unsupported_array", "unreadable_file"]
+    assert [r.index for r in results] == list(range(5)) and results[1].source == 42
+
+
+class Gate(FakeSession):
+    """Answers PNGs; counts requests in flight and their peak; image b"slow" waits until `release` is set."""
+
+    def __init__(self):
+        super().__init__(response(200, png_bytes(1, 1), "image/png"))
+        self.lock, self.now, self.peak, self.release = threading.Lock(), 0, 0, threading.Event()
+        self.slow_done = threading.Event()
+        self.release_after = 30.0  # a safety net: tests set `release`, or lower this to let the slow one finish
+
+    def request(self, method, url, headers=None, timeout=None, **kwargs):
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            if kwargs["files"]["data"][1] == b"slow":
+                self.release.wait(self.release_after)
+                self.slow_done.set()
+            return super().request(method, url, headers, timeout, **kwargs)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_predict_many_yields_as_results_finish_with_bounded_reads_and_requests(no_env):
+    session = Gate()
+    pulled = []
+
+    def images():
+        for i in range(1000):
+            pulled.append(i)
+            yield b"slow" if i == 0 else b"fast"
+
+    results = SegservClient(token="t", session=session).predict_many(images(), workers=3, progress=False)
+    first = next(results)
+    assert first.index != 0  # the slow first image does not hold back those that finished
+    assert len(pulled) <= 3 + 3  # read only as slots free up, not the whole input
+    session.release.set()
+    rest = list(results)
+    assert sorted(r.index for r in [first, *rest]) == list(range(1000))
+    assert session.peak <= 3
+
+
+def test_ordered_predict_many_holds_at_most_twice_the_workers(no_env):
+    session = Gate()
+    early = []
+
+    def images():
+        for i in range(50):
+            if i >= 4 and not session.slow_done.is_set():
+                early.append(i)  # read while image 0 is still in flight: more than 2 x workers held
+            yield b"slow" if i == 0 else b"fast"
+
+    # Image 0 is answered last, after its wait runs out (the Gate's release is never set): until then the
+    # generator must hold at most 2 x 2 images.
+    session.release_after = 1.0
+    results = list(SegservClient(token="t", session=session).predict_many(images(), workers=2, progress=False,
+                                                                          ordered=True))
+    assert early == [] and [r.index for r in results] == list(range(50))
+
+
+def test_breaking_out_of_predict_many_stops_sending(no_env):
+    session = FakeSession(response(200, png_bytes(1, 1), "image/png"))
+    results = SegservClient(token="t", session=session).predict_many([b"x"] * 100, workers=2, progress=False)
+    next(results)
+    results.close()
+    assert len(session.calls) <= 4
+
+
+def test_result_helpers_per_format(no_env, tmp_path):
+    probs = np.random.default_rng(1).random((3, 4, 5)).astype(np.float16)
+    buffer = io.BytesIO()
+    np.save(buffer, probs)
+    as_probs = Prediction(200, "application/x-npy", buffer.getvalue())
+    assert np.array_equal(as_probs.probs(), probs) and as_probs.format == "probs"
+    for helper, asks in (("mask", "format='png'"), ("instances", "format='instances'"), ("json", "format='json'"),
+                         ("overlay", "format='overlay'")):
+        with pytest.raises(FormatError, match=asks):
+            getattr(as_probs, helper)()
+    with pytest.raises(FormatError, match="format='probs'"):
+        Prediction(200, "image/png", png_bytes(2, 2)).probs()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (6, 4), (10, 20, 30)).save(jpeg, format="JPEG")
+    assert Prediction(200, "image/jpeg", jpeg.getvalue()).overlay().size == (6, 4)
+    instances = {"mask_format": "instances", "counts": [{"id": 1, "name": "cell", "count": 2},
+                                                        {"id": 2, "name": "nucleus", "count": 0}],
+                 "instances": [{"id": 1, "class_id": 1, "class": "cell", "area": 5},
+                               {"id": 2, "class_id": 1, "class": "cell", "area": 7}]}
+    as_instances = Prediction(200, "application/json", json.dumps(instances).encode())
+    assert as_instances.format == "instances" and len(as_instances.instances()) == 2
+    assert as_instances.areas() == {1: ("cell", 12), 2: ("nucleus", 0)}
+    with pytest.raises(FormatError, match="instance_mask=True"):
+        as_instances.instance_mask()
+    ids = np.array([[0, 1], [300, 2]], np.uint16)
+    instances["instance_mask"] = base64.b64encode(encode_image(Image.fromarray(ids))).decode()
+    assert np.array_equal(Prediction(200, "application/json", json.dumps(instances).encode()).instance_mask(), ids)
+    summary = {"mask_format": "png;base64", "classes": [{"id": 0, "name": "background", "pixels": 3},
+                                                        {"id": 2, "name": "nucleus", "pixels": 1}]}
+    assert Prediction(200, "application/json", json.dumps(summary).encode()).areas() == {
+        0: ("background", 3), 2: ("nucleus", 1)}
+    mask = palette_image(np.array([[0, 1, 1], [0, 0, 2]], np.uint8))
+    assert Prediction(200, "image/png", encode_image(mask)).areas() == {0: (None, 3), 1: (None, 2), 2: (None, 1)}
+
+
+def test_overlay_of_a_mask_answer_is_drawn_over_the_image_sent(no_env):
+    labels = np.zeros((12, 16), np.uint8)
+    labels[2:10, 3:12] = 1
+    labels[5:7, 6:8] = 2
+    mask = palette_image(labels, [0, 0, 0, 255, 0, 255, 0, 255, 255])
+    image = np.full((12, 16, 3), 90, np.uint8)
+    session = FakeSession(response(200, encode_image(mask), "image/png"))
+    drawn = np.asarray(SegservClient(token="t", session=session).predict(image, format="png").overlay())
+    assert (drawn[labels == 0] == 90).all()  # background left as it was
+    assert drawn[2, 5].tolist() == [255, 0, 255]  # a region's boundary in its full colour
+    assert drawn[4, 5].tolist() == [round(90 * 0.55 + 255 * 0.45), round(90 * 0.55), round(90 * 0.55 + 255 * 0.45)]
+    assert drawn[5, 6].tolist() == [0, 255, 255]  # the nucleus' boundary, inside the cell
+    with pytest.raises(FormatError, match="pass overlay"):
+        Prediction(200, "image/png", encode_image(mask)).overlay()
+    with pytest.raises(InputError, match="pass the image that was sent"):
+        Prediction(200, "image/png", encode_image(mask)).overlay(image=np.zeros((3, 3), np.uint8))
+
+
+def test_every_client_error_is_a_segserv_error_and_survives_pickling():
+    import pickle
+
+    from segserve.client import errors
+
+    kinds = [getattr(errors, name) for name in dir(errors) if isinstance(getattr(errors, name), type)
+             and issubclass(getattr(errors, name), Exception)]
+    assert {k.__name__ for k in kinds} == {"SegservError", "ServerRefused", "Unreachable", "InputError",
+                                           "InputTypeError", "FormatError", "KeyFileError"}
+    for kind in kinds:
+        error = pickle.loads(pickle.dumps(kind(400, "invalid_image", "cannot decode")))
+        assert isinstance(error, SegservError) and (error.status, error.type, error.message) == (
+            400, "invalid_image", "cannot decode")
+
+
+def test_the_async_client_bounds_concurrency_and_yields_every_result(no_env):
+    import asyncio
+
+    from segserve.client import AsyncSegservClient
+
+    session = Gate()
+    session.release.set()
+
+    async def run():
+        async with AsyncSegservClient(token="t", session=session, concurrency=3) as client:
+            one = await client.predict(b"fast", format="png")
+            many = [r async for r in client.predict_many([b"fast"] * 20 + [42], format="png")]
+            return one, many
+
+    one, many = asyncio.run(run())
+    assert one.mask().shape == (1, 1)
+    assert sorted(r.index for r in many) == list(range(21)) and session.peak <= 3
+    assert [type(r).__name__ for r in many if not isinstance(r, Prediction)] == ["InputTypeError"]
 
 
 class Flaky(BaseHTTPRequestHandler):
@@ -326,7 +551,8 @@ def test_cli_writes_one_file_per_image_and_reports_usage_errors(no_env, flaky_se
     (no_env / "x" / "notes.txt").write_text("not an image")
     args = ["--url", flaky_server, "--token", "t", "--no-progress"]
     assert main(["predict", "x", "y/same.png", *args]) == 0
-    assert sorted(p.name for p in (no_env / "masks").iterdir()) == ["same-2.png", "same.png"]
+    assert sorted(str(p.relative_to(no_env / "masks")) for p in (no_env / "masks").rglob("*.png")) == [
+        "x/same.png", "y/same.png"]
     assert "2 of 2 segmented into masks/" in capsys.readouterr().out
     assert main(["predict", "nowhere.png", *args]) == 2
     assert "no such file or folder: nowhere.png" in capsys.readouterr().err
@@ -376,7 +602,7 @@ def test_predict_many_isolates_a_bad_file(client, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     paths.insert(2, bad)
-    results = client.predict_many(paths, workers=3, progress=False, format="png")
+    results = list(client.predict_many(paths, workers=3, progress=False, format="png", ordered=True))
     assert isinstance(results[2], SegservError) and results[2].status == 400
     assert all(r.mask().shape == (96, 120) for i, r in enumerate(results) if i != 2)
 
@@ -402,7 +628,7 @@ def test_cli_end_to_end(server, tmp_path, capsys):
     assert main(["health", *keys, "--management-url", server.management_url]) == 0
     assert '"READY"' in capsys.readouterr().out
     assert main(["predict", str(img1), "--out", str(out), "--no-progress", "--url", server.inference_url,
-                 "--token", "wrong", "--retries", "0"]) == 1
+                 "--token", "wrong", "--retries", "0", "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "InvalidKeyException" in err and "refused the inference token from the token argument" in err
     assert main(["health", "--url", server.inference_url, "--token", "wrong", "--retries", "0"]) == 1

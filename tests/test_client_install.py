@@ -25,10 +25,11 @@ SERVER_ONLY = {"torch", "torchvision", "torchserve", "torch-model-archiver", "py
 
 
 def test_the_client_imports_only_itself_the_standard_library_and_its_dependencies():
-    for path in sorted(CLIENT.glob("*.py")):
+    for path in sorted(CLIENT.rglob("*.py")):
+        depth = len(path.relative_to(CLIENT).parts)  # 1 in client/, 2 in client/ui/: `..` still inside client
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                assert node.level == 1, f"{path.name}: from {'.' * node.level}{node.module or ''}: the worker package"
+                assert node.level <= depth, f"{path}: from {'.' * node.level}{node.module or ''}: the worker package"
                 continue
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) else [])
@@ -68,14 +69,32 @@ def test_the_base_install_has_no_torch_or_torchserve(client_venv):
 def test_segserve_help_and_the_client_import_run_there(client_venv):
     help_text = subprocess.run([str(client_venv / "bin" / "segserve"), "--help"], capture_output=True, text=True,
                                timeout=120)
-    assert help_text.returncode == 0 and "predict" in help_text.stdout and "health" in help_text.stdout
+    assert help_text.returncode == 0 and all(c in help_text.stdout for c in ("predict", "models", "health", "ui"))
+    version = subprocess.run([str(client_venv / "bin" / "segserve"), "--version"], capture_output=True, text=True,
+                             timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == "segserve " + _project_version()
     code = ("import sys; from segserve.client import SegservClient; import segserve.client.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('segserve', 'torch', 'ts', 'yaml')))")
     imported = subprocess.run([str(client_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
                               timeout=120)
     assert imported.returncode == 0, imported.stderr[-2000:]
-    assert imported.stdout.split() == ["['segserve',", "'segserve.client',", "'segserve.client.api',",
-                                       "'segserve.client.cli']"]
+    assert imported.stdout.split() == ["['segserve',", "'segserve.client',", "'segserve.client.aio',",
+                                       "'segserve.client.api',", "'segserve.client.cli',", "'segserve.client.errors']"]
+
+
+def test_the_page_is_installed_with_the_client(client_venv):
+    code = ("from importlib.resources import files; page = files('segserve.client.ui'); "
+            "print(sorted(p.name for p in page.iterdir() if p.suffix in ('.html', '.js', '.css')))")
+    listed = subprocess.run([str(client_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert listed.stdout.split() == ["['app.js',", "'index.html',", "'style.css']"]
+
+
+def _project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 @pytest.mark.integration

@@ -26,7 +26,8 @@ ADDRESSES = {"inference_address", "management_address", "metrics_address", "grpc
              "grpc_management_port"}
 # What each deployment may override: where it listens, its store and models. Anything else is drift.
 MAY_OVERRIDE = {
-    "local": ADDRESSES | {"model_store", "load_models"},
+    "local": ADDRESSES | {"model_store", "load_models", "cors_allowed_origin", "cors_allowed_methods",
+              "cors_allowed_headers"},
     "container": ADDRESSES | {"model_store", "load_models", "model_snapshot"},
     "kserve": {"inference_address", "metrics_address", "model_store", "model_snapshot", "disable_token_authorization"},
 }

@@ -218,17 +218,34 @@ def overlay_jpeg(image: Image.Image, mask: np.ndarray, config: ServingConfig, qu
 
 def overlay(image: Image.Image, mask: np.ndarray, config: ServingConfig, alpha: float = 0.45,
             legend: bool = True) -> Image.Image:
-    """The input with the mask's class colours blended over it (background left clear) and a small legend."""
+    """The input in grey with the mask's class colours blended over it (background left uncoloured), each region
+    outlined in its full class colour, and a small legend. Grey, so that the only colour is the mask's: a
+    fluorescence stain often has the class colour's own hue (green cytoplasm, blue nuclei)."""
     from PIL import ImageDraw
 
-    out = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # a copy, blended in place
-    colors = np.array([c.color for c in config.classes], dtype=np.float32)
-    # A band of rows at a time: float32 temporaries of a band, not of the image (~50 bytes a pixel).
-    rows = max(1, OVERLAY_BAND_PIXELS // max(1, out.shape[1]))
-    for top in range(0, out.shape[0], rows):
-        part, labels = out[top:top + rows].astype(np.float32), mask[top:top + rows]
-        tinted = part * (1 - alpha) + colors[labels] * alpha
-        out[top:top + rows] = np.where((labels > 0)[..., None], tinted, part).round().astype(np.uint8)
+    grey = np.asarray(image.convert("L"))
+    colors = np.zeros((256, 3), np.float32)
+    colors[[c.id for c in config.classes]] = [c.color for c in config.classes]
+    out = np.empty((*mask.shape, 3), np.uint8)
+    height = mask.shape[0]
+    # A band of rows at a time (one more row each side for the outlines): float32 temporaries of a band, not
+    # of the image, so a few bytes a pixel.
+    rows = max(1, OVERLAY_BAND_PIXELS // max(1, mask.shape[1]))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        low, high = max(0, top - 1), min(height, bottom + 1)
+        labels, foreground = mask[low:high], mask[low:high] > 0
+        shade = grey[low:high].astype(np.float32)[..., None]
+        part = np.where(foreground[..., None], shade * (1 - alpha) + colors[labels] * alpha, shade)
+        edge = np.zeros(labels.shape, bool)  # a region's own pixels next to (4-neighbour) another class
+        across, down = labels[:, :-1] != labels[:, 1:], labels[:-1, :] != labels[1:, :]
+        edge[:, :-1] |= across
+        edge[:, 1:] |= across
+        edge[:-1, :] |= down
+        edge[1:, :] |= down
+        edge &= foreground
+        part[edge] = colors[labels[edge]]
+        out[top:bottom] = part[top - low: top - low + bottom - top].round().astype(np.uint8)
     result = Image.fromarray(out, "RGB")
     del out
     if legend:

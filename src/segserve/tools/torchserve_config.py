@@ -28,6 +28,13 @@ GRPC_APIS = ("inference", "management")
 # model-config.yaml keys a model_snapshot must carry (TorchServe's names), with TorchServe's defaults.
 SNAPSHOT_KEYS = {"batchSize": 1, "maxBatchDelay": 100, "responseTimeout": 120, "startupTimeout": 120}
 
+# `segserve ui`'s default origin (src/segserve/client/ui/, --port 8090). TorchServe sends these CORS headers on
+# every answer; a page from this origin may read them. It still cannot send a token: TorchServe's token check
+# refuses the browser's preflight (OPTIONS carries no Authorization), so `segserve ui` relays by default.
+UI_ORIGIN = "http://127.0.0.1:8090"
+UI_CORS = (("cors_allowed_origin", UI_ORIGIN), ("cors_allowed_methods", "GET, POST"),
+           ("cors_allowed_headers", "Content-Type, Accept"))
+
 # Why KServe's pods run without TorchServe's token auth: the only security setting a deployment changes.
 KSERVE_TOKEN_AUTH_REASON = (
     "Kubernetes probes and KServe's router send no TorchServe token and keys change at every pod start: "
@@ -114,6 +121,8 @@ def local(base_config: Path, *, host: str, ports: Mapping[str, int], model_store
     and models, TLS when asked for, and what the caller adds (`extra`, e.g. enable_model_api for a test)."""
     overrides = addresses("https" if tls else "http", host, ports, "this instance's own ports")
     overrides.append(Override("model_store", str(Path(model_store).resolve()), "this instance's model store"))
+    overrides += [Override(key, value, "`segserve ui --direct` on its default port may read the answers")
+                  for key, value in UI_CORS if key not in dict(extra)]
     models = tuple(models)
     if models:
         overrides.append(Override("load_models", ",".join(models), "the models this instance loads"))

@@ -1,0 +1,279 @@
+"""`segserve` CLI: --version, predict (streamed, recursive, folder structure, resume, areas CSV, Ctrl-C), models,
+exit codes. Against a small local HTTP server that segments like segserve would (a pixel brighter than 127 is
+class 1) and describes its model on a management path; the integration tests use the real TorchServe."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segserve.client import __version__
+from segserve.client import cli as cli_module
+from segserve.client.cli import AREAS_CSV, main
+from segserve.tools.synthetic import generate_scene
+
+CLASSES = [{"id": 0, "name": "background", "color": [0, 0, 0]}, {"id": 1, "name": "bright", "color": [255, 0, 0]}]
+
+
+def _png(mask: np.ndarray) -> bytes:
+    image = Image.fromarray(mask, "P")
+    image.putpalette([0, 0, 0, 255, 0, 0])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Segmenting(BaseHTTPRequestHandler):
+    """POST /predictions/<model>[/<version>]: png or json of (gray > 127), invalid_image for what Pillow cannot
+    read, invalid_option for a format other than png/json/overlay. GET /models...: a TorchServe-like describe."""
+
+    paths: list[str] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        type(self).paths.append(self.path)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        raw = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body
+        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                 for p in BytesParser(policy=HTTP).parsebytes(raw).iter_parts()}
+        asked = parts.get("format", b"png").decode()
+        if asked not in ("png", "json", "overlay"):
+            return self._json(400, {"code": 400, "type": "invalid_option",
+                                    "message": f"format={asked!r} is not supported; use one of: json, overlay, png"})
+        try:
+            image = Image.open(io.BytesIO(parts["data"])).convert("L")
+        except OSError:
+            return self._json(400, {"code": 400, "type": "invalid_image", "message": "cannot decode the image"})
+        mask = (np.asarray(image) > 127).astype(np.uint8)
+        if asked == "png":
+            return self._send(200, "image/png", _png(mask))
+        if asked == "overlay":
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG")
+            return self._send(200, "image/jpeg", buffer.getvalue())
+        classes = [{"id": c["id"], "name": c["name"], "pixels": int((mask == c["id"]).sum()),
+                    "fraction": float((mask == c["id"]).mean())} for c in CLASSES]
+        self._json(200, {"width": mask.shape[1], "height": mask.shape[0], "classes": classes,
+                         "mask_format": "png;base64"})
+
+    def do_GET(self):  # noqa: N802
+        if self.path.startswith("/models?"):
+            return self._json(200, {"models": [{"modelName": "segmenter", "modelUrl": "segmenter.mar"}]})
+        if self.path.startswith("/models/segmenter"):
+            described = {"modelName": "segmenter", "modelVersion": "1.0", "batchSize": 4,
+                         "workers": [{"id": "9000", "status": "READY"}]}
+            if "customized=true" in self.path and "/all" not in self.path:  # as TorchServe: one version at a time
+                described["customizedMetadata"] = json.dumps({"head": "softmax", "classes": CLASSES})
+            return self._json(200, [described])
+        self._json(404, {"code": 404, "type": "ResourceNotFoundException", "message": "not found"})
+
+    def _json(self, status, doc):
+        self._send(status, "application/json", json.dumps(doc).encode())
+
+    def _send(self, status, media, payload):
+        self.send_response(status)
+        self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def fake(monkeypatch, tmp_path):
+    for name in ("SEGSERVE_URL", "SEGSERVE_TOKEN", "SEGSERVE_MANAGEMENT_TOKEN", "SEGSERVE_KEY_FILE",
+                 "SEGSERVE_MANAGEMENT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    Segmenting.paths = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Segmenting)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_port}"
+    yield ["--url", url, "--token", "t", "--management-url", url, "--management-token", "m", "--no-progress"]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def picture(path: Path, seed: int, size=(20, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def scans(root: Path) -> list[Path]:
+    """scans/a/x.png, scans/b/c/y.tif, scans/top.png (lossless: the test counts their pixels) and a text file."""
+    made = [picture(root / "scans" / "a" / "x.png", 1), picture(root / "scans" / "b" / "c" / "y.tif", 2),
+            picture(root / "scans" / "top.png", 3)]
+    (root / "scans" / "notes.txt").write_text("not an image")
+    return made
+
+
+def read_areas(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_version_is_the_programs_and_model_version_is_its_own_flag(fake, capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"segserve {__version__}"
+    picture(Path("img.png"), 4)
+    assert main(["predict", "img.png", "--model-version", "2.0", *fake]) == 0
+    assert Segmenting.paths[-1] == "/predictions/segmenter/2.0"
+    # The old spelling after a command still works, and says the new name.
+    assert main(["predict", "img.png", "--version", "3.0", "--overwrite", *fake]) == 0
+    assert Segmenting.paths[-1] == "/predictions/segmenter/3.0"
+    assert "use --model-version 3.0" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for code in ("0 ", "1 ", "2 ", "130"):
+        assert f"  {code}" in text
+    assert main(["predict", "--help"]) == 0
+    assert "130" in capsys.readouterr().out and main([]) == 2
+
+
+def test_predict_is_recursive_keeps_the_structure_and_writes_the_areas(fake, tmp_path, capsys):
+    images = scans(tmp_path)
+    assert main(["predict", "scans", "--out", "masks", *fake]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "masks")) for p in (tmp_path / "masks").rglob("*.png"))
+    assert written == ["a/x.png", "b/c/y.png", "top.png"]
+    assert "3 of 3 segmented into masks/" in capsys.readouterr().out
+    rows = read_areas(tmp_path / "masks" / AREAS_CSV)
+    assert {r["image"] for r in rows} == {str(p.relative_to(tmp_path)) for p in images}
+    for row in rows:  # the pixels of each class, as the written mask has them, named from the model's description
+        mask = np.asarray(Image.open(tmp_path / "masks" / row["output"]))
+        assert int(row["pixels"]) == int((mask == int(row["class_id"])).sum()) > 0
+        assert row["class"] == CLASSES[int(row["class_id"])]["name"]
+
+
+def test_predict_skips_what_is_done_and_overwrite_redoes_it(fake, tmp_path, capsys):
+    scans(tmp_path)
+    assert main(["predict", "scans", *fake]) == 0
+    sent = len(Segmenting.paths)
+    rows = read_areas(tmp_path / "masks" / AREAS_CSV)
+    (tmp_path / "masks" / "top.png").unlink()
+    assert main(["predict", "scans", *fake]) == 0
+    assert len(Segmenting.paths) == sent + 1  # only the missing one
+    assert "1 of 1 segmented into masks/ (2 already there, skipped" in capsys.readouterr().out
+    again = read_areas(tmp_path / "masks" / AREAS_CSV)
+    assert sorted(map(str, rows), key=str) == sorted(map(str, again), key=str)  # kept rows + the redone image's
+    assert main(["predict", "scans", "--overwrite", *fake]) == 0
+    assert len(Segmenting.paths) == sent + 4
+    assert len(read_areas(tmp_path / "masks" / AREAS_CSV)) == len(rows)
+
+
+def test_an_output_folder_inside_the_input_is_not_an_input(fake, tmp_path):
+    scans(tmp_path)
+    assert main(["predict", ".", "--out", "scans/masks", *fake]) == 0
+    sent = len(Segmenting.paths)
+    assert main(["predict", ".", "--out", "scans/masks", "--overwrite", *fake]) == 0
+    assert len(Segmenting.paths) == 2 * sent == 6
+
+
+def test_a_failed_image_is_named_and_the_others_are_written(fake, tmp_path, capsys):
+    scans(tmp_path)
+    (tmp_path / "scans" / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", "scans", *fake]) == 1
+    captured = capsys.readouterr()
+    assert "3 of 4 segmented into masks/; 1 failed:" in captured.out
+    assert "scans/broken.png: 400 invalid_image: cannot decode the image" in captured.err
+    assert not (tmp_path / "masks" / "broken.png").exists() and (tmp_path / "masks" / "top.png").exists()
+
+
+def test_an_option_the_server_refuses_is_a_usage_error_and_writes_nothing(fake, tmp_path, capsys):
+    scans(tmp_path)
+    assert main(["predict", "scans", "--format", "gif", "--workers", "1", *fake]) == 2
+    assert "segserve predict: format='gif' is not supported; use one of: json, overlay, png" in capsys.readouterr().err
+    assert len(Segmenting.paths) == 1 and not (tmp_path / "masks").exists()
+
+
+def test_formats_without_areas_get_no_csv_and_say_why(fake, tmp_path, capsys):
+    picture(tmp_path / "img.png", 5)
+    assert main(["predict", "img.png", "--format", "overlay", *fake]) == 0
+    assert (tmp_path / "masks" / "img.jpg").is_file() and not (tmp_path / "masks" / AREAS_CSV).exists()
+    assert f"no {AREAS_CSV}: a overlay answer has no per-class areas; ask for format='json'" in capsys.readouterr().err
+    assert main(["predict", "img.png", "--format", "json", "--out", "js", *fake]) == 0
+    assert [int(r["pixels"]) for r in read_areas(tmp_path / "js" / AREAS_CSV)] == [
+        c["pixels"] for c in json.loads((tmp_path / "js" / "img.json").read_text())["classes"]]
+
+
+def test_ctrl_c_keeps_what_was_written_and_a_rerun_continues(fake, tmp_path, monkeypatch, capsys):
+    scans(tmp_path)
+    real_write, calls = cli_module._write, []
+
+    def interrupted_on_the_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(cli_module, "_write", interrupted_on_the_second)
+    assert main(["predict", "scans", "--workers", "1", *fake]) == 130
+    assert "interrupted: 1 written into masks/" in capsys.readouterr().err
+    done = [p for p in (tmp_path / "masks").rglob("*.png")]
+    assert len(done) == 1 and not list((tmp_path / "masks").rglob("*.partial"))
+    rows = read_areas(tmp_path / "masks" / AREAS_CSV)
+    assert {r["output"] for r in rows} == {done[0].relative_to(tmp_path / "masks").as_posix()}
+    monkeypatch.setattr(cli_module, "_write", real_write)
+    sent = len(Segmenting.paths)
+    assert main(["predict", "scans", *fake]) == 0
+    assert len(Segmenting.paths) == sent + 2 and len(list((tmp_path / "masks").rglob("*.png"))) == 3
+    assert len({r["image"] for r in read_areas(tmp_path / "masks" / AREAS_CSV)}) == 3
+
+
+def test_models_lists_what_is_served(fake, capsys):
+    assert main(["models", *[a for a in fake if a != "--no-progress"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "version", "workers", "batch", "head", "classes"]
+    assert lines[1].split() == ["segmenter", "1.0", "1/1", "4", "softmax", "background,bright"]
+    assert main(["models", "--json", *[a for a in fake if a != "--no-progress"]]) == 0
+    (described,) = json.loads(capsys.readouterr().out)
+    assert described["customizedMetadata"]["classes"] == CLASSES  # parsed from TorchServe's string
+
+
+def test_models_without_a_management_api_says_how_to_name_it(fake, capsys):
+    assert main(["models", "--url", "http://127.0.0.1:9", "--token", "t"]) == 1
+    assert "--management-url" in capsys.readouterr().err
+
+
+def test_a_missing_path_or_key_file_is_a_usage_error(fake, capsys):
+    assert main(["predict", "nowhere.png", *fake]) == 2
+    assert "no such file or folder: nowhere.png" in capsys.readouterr().err
+    picture(Path("img.png"), 6)
+    assert main(["predict", "img.png", "--key-file", "nope.json", "--url", fake[1]]) == 2
+    assert "key file not found: nope.json" in capsys.readouterr().err
+
+
+# -- integration: the real TorchServe ----------------------------------------------------------------------
+@pytest.mark.integration
+def test_predict_a_folder_and_list_the_models_against_torchserve(server, tmp_path, capsys):
+    for i, name in enumerate(("one.png", "sub/two.png")):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generate_scene(300 + i, (64, 80))[0]).save(tmp_path / "in" / name)
+    keys = ["--url", server.inference_url, "--management-url", server.management_url,
+            "--key-file", str(server.workdir / "key_file.json")]
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "in"), "--format", "json", "--out", str(out), "--no-progress", *keys]) == 0
+    rows = read_areas(out / AREAS_CSV)
+    for name in ("one", "sub/two"):
+        answer = json.loads((out / f"{name}.json").read_text())
+        mine = {int(r["class_id"]): (r["class"], int(r["pixels"])) for r in rows if r["output"] == f"{name}.json"}
+        assert mine == {c["id"]: (c["name"], c["pixels"]) for c in answer["classes"]}
+    assert main(["models", *keys]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["segmenter", "1.0"] and "background,cell,nucleus" in line for line in listed)
