@@ -523,7 +523,7 @@ V2_BAD_FIELDS: list[tuple[str, Callable[[dict], None]]] = [
     ("two inputs", lambda doc: doc.update(inputs=doc["inputs"] * 2)),
     ("an input that is a string", lambda doc: doc.update(inputs=["image"])),
 ]
-V2_HEADER_LENGTHS = ("²", "-1", "9" * 40, "", "0x10", "1e3", " ", "\u00b9\u00b2")  # HTTP headers are Latin-1
+V2_HEADER_LENGTHS = ("²", "-1", "9" * 40, "", "0x10", "1e3", "1 2", "\u00b9\u00b2")  # Latin-1, as HTTP headers are
 
 
 def v2_doc(rng: random.Random) -> tuple[dict, bytes]:
