@@ -134,3 +134,19 @@ def test_the_header_size_is_upright_as_the_decoded_image_is(fmt):
     file = ImageFile(encode_image(random_image(40, 20), fmt, exif=exif.tobytes()), LIMITS)
     assert (file.header.width, file.header.height, file.header.orientation) == (20, 40, 8)
     assert file.decode().size == (20, 40)
+
+
+def test_a_json_body_may_carry_the_image_under_data_as_torchserve_handlers_do():
+    import base64
+
+    import pytest
+
+    from segserve.decode import extract_image_bytes
+    from segserve.errors import BadRequest
+
+    png = b"\x89PNG\r\n\x1a\nrest"
+    encoded = base64.b64encode(png).decode()
+    assert extract_image_bytes({"body": {"data": encoded}}, {}) == png
+    assert extract_image_bytes({"body": {"image": encoded, "format": "png"}}, {}) == png
+    with pytest.raises(BadRequest, match="not both"):
+        extract_image_bytes({"body": {"image": encoded, "data": encoded}}, {})

@@ -149,8 +149,10 @@ def test_each_accept_media_type_selects_one_format():
     assert len(claimed) == len(set(claimed))
     assert {media: formats.for_accept(media).name for media in claimed} == {
         "application/json": "json", "image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs"}
-    assert formats.for_accept("text/html, IMAGE/PNG;q=0.9, application/json") is formats.REGISTRY["png"]
-    assert formats.for_accept("*/*") is None and formats.for_accept("") is None
+    # By quality (application/json's 1 over image/png's 0.9), case-insensitive, unknown types passed over.
+    assert formats.for_accept("text/html, IMAGE/PNG;q=0.9, application/json") is formats.REGISTRY["json"]
+    assert formats.for_accept("text/html, IMAGE/PNG, application/json;q=0.5") is formats.REGISTRY["png"]
+    assert formats.for_accept("*/*") is formats.REGISTRY[formats.DEFAULT] and formats.for_accept("") is None
 
 
 @pytest.mark.parametrize("name", [name for name in formats.REGISTRY if name != "probs"])

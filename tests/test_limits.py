@@ -255,10 +255,19 @@ def test_overlay_works_in_a_few_bytes_per_pixel(config):
     tracemalloc.stop()
     # The image's bytes and the copy blended in place (3 bytes a pixel each), and one band: not ~50 a pixel.
     assert peak < 8 * mask.size, peak / mask.size
-    rgb = np.asarray(image, np.float32)  # the formula as it was, on the whole image at once
+    # The same drawing on the whole image at once: grey, class colours blended, outlines in the class colour.
+    grey = np.asarray(image.convert("L"), np.float32)[..., None].repeat(3, axis=2)
     colors = np.array([c.color for c in config.classes], np.float32)
-    expected = np.where((mask > 0)[..., None], rgb * 0.55 + colors[mask] * 0.45, rgb).round().astype(np.uint8)
-    assert np.array_equal(np.asarray(out), expected)
+    expected = np.where((mask > 0)[..., None], grey * 0.55 + colors[mask] * 0.45, grey)
+    edge = np.zeros(mask.shape, bool)
+    across, down = mask[:, :-1] != mask[:, 1:], mask[:-1] != mask[1:]
+    edge[:, :-1] |= across
+    edge[:, 1:] |= across
+    edge[:-1] |= down
+    edge[1:] |= down
+    edge &= mask > 0
+    expected[edge] = colors[mask[edge]]
+    assert np.array_equal(np.asarray(out), expected.round().astype(np.uint8))
 
 
 def test_the_v2_tensor_answer_is_written_without_a_python_list_and_capped(config):

@@ -54,3 +54,23 @@ def test_bad_options_are_400_naming_option_and_choices(config, inputs, words):
     assert info.value.status == 400
     for word in words:
         assert word in info.value.message
+
+
+# -- Accept negotiation (RFC 9110) and TorchServe's {"data": ...} convention -------------------------------
+@pytest.mark.parametrize("accept, expected", [
+    ("image/*", "png"), ("image/png", "png"), ("image/jpeg", "overlay"), ("*/*", "json"), ("", "json"),
+    ("text/html,application/xhtml+xml,*/*;q=0.8", "json"), ("image/jpeg;q=0.5, image/png", "png"),
+    ("application/x-npy;q=0, image/*;q=0.2", "png"), ("application/*", "json"),
+])
+def test_accept_is_negotiated_by_quality_and_wildcards(config, accept, expected):
+    assert parse({"data": b"x"}, {"Accept": accept} if accept else {}, config=config).format == expected
+
+
+@pytest.mark.parametrize("accept", ["image/webp", "text/html", "image/png;q=0, text/csv"])
+def test_an_accept_no_format_answers_is_a_406_listing_the_formats(config, accept):
+    from segserve.errors import NotAcceptable
+
+    with pytest.raises(NotAcceptable) as info:
+        parse({"data": b"x"}, {"Accept": accept}, config=config)
+    assert info.value.status == 406 and "png (image/png)" in info.value.message and "format=" in info.value.message
+    assert parse({"data": b"x", "format": b"png"}, {"Accept": accept}, config=config).format == "png"  # format wins

@@ -31,7 +31,7 @@ from .errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from .options import IMAGE_FIELDS
+from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS
 
 ORIENTATION = 0x0112  # EXIF tag
 ROTATED = (5, 6, 7, 8)  # orientations that swap width and height
@@ -80,15 +80,19 @@ def extract_image_bytes(request: dict[str, Any], content_types: dict[str, str] |
 
 
 def _bytes_from_json(doc: dict[str, Any]) -> bytes:
-    encoded = doc.get("image")
+    given = [key for key in JSON_IMAGE_KEYS if key in doc]
+    if len(given) > 1:
+        raise BadRequest('a JSON body carries one image: under "image" or under "data", not both')
+    key = given[0] if given else "image"
+    encoded = doc.get(key)
     if not isinstance(encoded, str) or not encoded:
-        raise EmptyBody('a JSON body needs the image as base64 under "image", e.g. {"image": "iVBORw0..."}')
+        raise EmptyBody('a JSON body needs the image as base64 under "image" (or "data"), e.g. {"image": "iVBORw0..."}')
     if encoded.startswith("data:") and "," in encoded:
         encoded = encoded.split(",", 1)[1]  # data URL: data:image/png;base64,....
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidImage('"image" is not valid base64') from None
+        raise InvalidImage(f'"{key}" is not valid base64') from None
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,12 @@ class LimitExceeded(PayloadTooLarge):
     type = "limit_exceeded"
 
 
+class NotAcceptable(RequestError):
+    """The Accept header names only media types no format answers in."""
+
+    status, type = 406, "not_acceptable"
+
+
 class UnsupportedMediaType(RequestError):
     status, type = 415, "unsupported_media_type"
 

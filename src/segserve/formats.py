@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import encoders
 from .config import Limits, ServingConfig
-from .errors import ResponseTooLarge
+from .errors import NotAcceptable, ResponseTooLarge, shown
 from .masks import MaskSet
 
 if TYPE_CHECKING:
@@ -160,13 +160,32 @@ def get(name: str) -> Format:
 
 
 def for_accept(accept: str) -> Format | None:
-    """The format an Accept header selects: the first of its media types that a format claims (q ignored)."""
-    for media_range in accept.split(","):
-        media = media_range.split(";")[0].strip().lower()
+    """The format an Accept header selects, by HTTP's rules (RFC 9110): its media ranges by quality, highest
+    first (in order among equals); `type/*` picks the first format of that type (image/* -> png), `*/*` the
+    default. None for no Accept header; NotAcceptable when every range it names is one no format answers in
+    (the message lists the formats and their media types)."""
+    ranges = []
+    for position, media_range in enumerate(accept.split(",")):
+        media, *params = (part.strip().lower() for part in media_range.split(";"))
+        quality = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    quality = float(param[2:])
+                except ValueError:
+                    quality = 0.0
+        if media and quality > 0:
+            ranges.append((-quality, position, media))
+    if not accept.strip():
+        return None
+    for _, _, media in sorted(ranges):
+        if media == "*/*":
+            return REGISTRY[DEFAULT]
         for entry in REGISTRY.values():
-            if media in entry.accept:
+            if media in entry.accept or (media.endswith("/*") and entry.content_type.startswith(media[:-1])):
                 return entry
-    return None
+    offered = ", ".join(f"{entry.name} ({entry.content_type})" for entry in REGISTRY.values())
+    raise NotAcceptable(f"no format answers in Accept: {shown(accept)}; ask for one of: {offered} (or format=...)")
 
 
 def check_size(entry: Format, width: int, height: int, classes: int, limits: Limits) -> None:

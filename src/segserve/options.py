@@ -29,6 +29,9 @@ TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 TILE_MODES = ("auto", "on", "off")
 # Inputs that carry the image rather than options.
 IMAGE_FIELDS = ("body", "data", "file", "image")
+# The keys of a JSON body that carry the base64 image: segserve's "image", and "data", TorchServe's own
+# handlers' convention ({"data": "<base64>"}).
+JSON_IMAGE_KEYS = ("image", "data")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def raw_options(inputs: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     body = inputs.get("body")
     if isinstance(body, dict):
-        fields.update({k: v for k, v in body.items() if k != "image"})
+        fields.update({k: v for k, v in body.items() if k not in JSON_IMAGE_KEYS})
     for key, value in inputs.items():
         if key in IMAGE_FIELDS:
             continue

@@ -31,7 +31,7 @@ from .config import Limits, ServingConfig
 from .decode import ImageFile
 from .errors import BadRequest, LimitExceeded, shown
 from .formats import Format
-from .options import IMAGE_FIELDS, Options, parse_options, parse_postprocess
+from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess
 from .tiling import should_tile
 from .v2 import V2Request
 
@@ -181,8 +181,9 @@ def check_fields(inputs: dict[str, Any], limits: Limits) -> None:
     before any field is parsed: a form of 400,000 empty fields costs nothing more than its 400."""
     body = inputs.get("body")
     options = body if isinstance(body, dict) and not isinstance(body.get("inputs"), list) else {}  # not v2's
+    # Counted, not listed: 400,000 fields must cost nothing.
     count = (len(inputs) - sum(key in inputs for key in IMAGE_FIELDS)
-             + len(options) - ("image" in options))  # counted, not listed: 400,000 fields must cost nothing
+             + len(options) - sum(key in options for key in JSON_IMAGE_KEYS))
     if count > limits.max_fields:
         raise BadRequest(f"the request has {count} fields besides the image; the limit is {limits.max_fields} "
                          "(max_fields): send the image and the options it needs (docs/api.md#options)")
