@@ -60,17 +60,22 @@ def fit_photo_model(model: nn.Module, seed: int = 0) -> nn.Module:
             head = model.classifier[-1]
         else:  # LRASPPHead takes the backbone's dict
             head_input, head = features, model.classifier
+    _fit(head, head_input, labels, FIT_SIZE)
+    return model
+
+
+def _fit(head: nn.Module, head_input, labels: torch.Tensor, size: tuple[int, int]) -> None:
+    """Fit `head` (frozen afterwards) to the drawn labels on the features it receives."""
     parameters = list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=0.01)
     for _ in range(FIT_STEPS):
-        logits = F.interpolate(head(head_input), size=FIT_SIZE, mode="bilinear", align_corners=False)
+        logits = F.interpolate(head(head_input), size=size, mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     for parameter in parameters:
         parameter.requires_grad_(False)
-    return model
 
 
 # Encoders that halve the input five times (smp's ResNets, SegFormer) need sides divisible by 32.
@@ -100,15 +105,5 @@ def fit_classifier(model: nn.Module, classifier: nn.Conv2d, logits: Callable[[to
         for start in range(0, FIT_PHOTOS, 4):
             logits(inputs[start:start + 4])
     hook.remove()
-    features = torch.cat(captured)
-    parameters = list(classifier.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=0.01)
-    for _ in range(FIT_STEPS):
-        out = F.interpolate(classifier(features), size=FIT_SIZE_32, mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(out, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for parameter in parameters:
-        parameter.requires_grad_(False)
+    _fit(classifier, torch.cat(captured), labels, FIT_SIZE_32)
     return model
