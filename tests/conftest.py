@@ -10,13 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from support import MODEL, MODEL_CONFIG, REPO  # noqa: E402
+from support import MODEL, MODEL_CONFIG, REPO, torchserve  # noqa: E402
 
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.pipeline import Segmenter  # noqa: E402
 from segserve.tools.build import build  # noqa: E402
 from segserve.tools.inprocess import load_handler  # noqa: E402
-from segserve.tools.server import TorchServe, free_ports  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +36,8 @@ def server(tmp_path_factory, model_store):
     """One real TorchServe for the whole run: the archive built from model/, free loopback ports, token auth."""
     root = tmp_path_factory.mktemp("torchserve")
     store = model_store
-    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=(f"{MODEL}={MODEL}.mar",))
-    ts.start()
-    try:
-        ts.wait_ready(MODEL, timeout=240)
+    with torchserve(root, store, [f"{MODEL}={MODEL}.mar"], [MODEL]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="session")
@@ -70,13 +62,6 @@ def ops_server(tmp_path_factory):
     weights = REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights
     for version in ("1.0", "2.0"):
         build(MODEL, MODEL_CONFIG, weights, store, version=version, archive_name=f"{MODEL}-{version}")
-    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=(f"{MODEL}-1.0.mar", f"{MODEL}-2.0.mar"), extra_properties=(("enable_model_api", "true"),))
-    ts.start()
-    try:
-        for version in ("1.0", "2.0"):
-            ts.wait_ready(f"{MODEL}/{version}", timeout=240)
+    with torchserve(root, store, [f"{MODEL}-1.0.mar", f"{MODEL}-2.0.mar"], [f"{MODEL}/1.0", f"{MODEL}/2.0"],
+                    extra_properties=(("enable_model_api", "true"),)) as ts:
         yield ts
-    finally:
-        ts.stop()

@@ -14,14 +14,13 @@ import torch
 import yaml
 from PIL import Image
 from pycocotools import mask as coco_mask
-from support import MODEL_CONFIG, REPO, encode_image, random_image
+from support import MODEL_CONFIG, encode_image, random_image, torchserve
 from support.handlers import ask
 
 from segserve.config import ServingConfig
 from segserve.families import build_model
 from segserve.tools.build import BuildError, build
 from segserve.tools.inprocess import load_handler
-from segserve.tools.server import TorchServe, free_ports
 
 UNET = {"base_channels": 4, "depth": 2}
 
@@ -68,16 +67,8 @@ def test_a_head_that_does_not_fit_is_a_build_error_naming_the_flag(tmp_path):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, archives):
     root = tmp_path_factory.mktemp("heads-served")
-    ts = TorchServe(workdir=root / "run", model_store=archives, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=("lesions.mar", "labels.mar"))
-    ts.start()
-    try:
-        for name in ("lesions", "labels"):
-            ts.wait_ready(name, timeout=300)
+    with torchserve(root, archives, ["lesions.mar", "labels.mar"], ["lesions", "labels"], timeout=300) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def in_process(store, name, tmp_path):

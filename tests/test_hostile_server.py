@@ -23,13 +23,12 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from support import MODEL, MODEL_CONFIG, REPO, encode_image
+from support import MODEL, MODEL_CONFIG, REPO, encode_image, torchserve
 from support.handlers import merged
 from urllib3.filepost import encode_multipart_formdata
 
 from segserve.config import ServingConfig
 from segserve.tools.build import build
-from segserve.tools.server import TorchServe, free_ports
 from segserve.tools.synthetic import generate_scene
 
 pytestmark = pytest.mark.integration
@@ -129,15 +128,8 @@ def batching_server(tmp_path_factory):
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     store = root / "model-store"
     build(MODEL, config, REPO / "model" / ServingConfig.from_yaml(MODEL_CONFIG).weights, store)
-    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=(f"{MODEL}={MODEL}.mar",))
-    ts.start()
-    try:
-        ts.wait_ready(MODEL, timeout=240)
+    with torchserve(root, store, [f"{MODEL}={MODEL}.mar"], [MODEL]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def worker_pid(server) -> int:

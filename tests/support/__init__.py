@@ -3,13 +3,16 @@ and how good a mask is. `from support import ...` in a test; support.handlers dr
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from segserve.tools.scoring import mean_iou
+from segserve.tools.server import TorchServe, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
@@ -36,3 +39,21 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
 def miou(mask: np.ndarray, truth: np.ndarray) -> float:
     """Mean IoU over the default model's 3 classes (segserve.tools.scoring, as make evaluate scores)."""
     return mean_iou(truth, mask, 3)
+
+
+@contextlib.contextmanager
+def torchserve(root: Path, store: Path, models: Sequence[str], ready: Sequence[str], timeout: float = 240,
+               **options) -> Iterator[TorchServe]:
+    """A real TorchServe on free loopback ports with token auth (the repo's config.properties), serving
+    `models` from `store`, once every name in `ready` answers; stopped on the way out. `options` go to
+    TorchServe (e.g. extra_properties)."""
+    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
+                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
+                    models=tuple(models), **options)
+    ts.start()
+    try:
+        for name in ready:
+            ts.wait_ready(name, timeout=timeout)
+        yield ts
+    finally:
+        ts.stop()
