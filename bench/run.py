@@ -51,7 +51,7 @@ from bench.photos import photo_jpeg  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
 from segserve.tools.build import build  # noqa: E402
 from segserve.tools.inprocess import Request, handle, load_handler  # noqa: E402
-from segserve.tools.server import TorchServe, free_ports  # noqa: E402
+from segserve.tools.server import TorchServe, free_ports, stop_process_group  # noqa: E402
 from segserve.tools.synthetic import generate_scene  # noqa: E402
 
 MODEL_CONFIG = REPO / "model" / "model-config.yaml"
@@ -335,10 +335,12 @@ def load_raw(workload: Workload, work: Path) -> tuple[object, int]:
 
 
 class WorkerMemory:
-    """Peak RSS of TorchServe's Python workers, sampled every 50 ms while a level runs."""
+    """Peak RSS of a server's Python workers (the descendants whose command line holds `match`; every descendant
+    where it is None), sampled every 50 ms while a level runs."""
 
-    def __init__(self, server_pid: int):
+    def __init__(self, server_pid: int, match: str | None = "model_service_worker"):
         self.server_pid = server_pid
+        self.match = match
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -348,7 +350,7 @@ class WorkerMemory:
             children = psutil.Process(self.server_pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [p for p in children if "model_service_worker" in " ".join(p.cmdline())]
+        return [p for p in children if self.match is None or self.match in " ".join(p.cmdline())]
 
     def _sample(self) -> None:
         workers = self._workers()
@@ -369,30 +371,94 @@ class WorkerMemory:
         self._thread.join()
 
 
-def run_http(server: TorchServe, model: str, workload: Workload, contender: str, concurrency: int,
+def run_http(server: TorchServe | LitServe, model: str, workload: Workload, contender: str, concurrency: int,
              count: int, headers: dict[str, str]) -> Result:
-    url = f"{server.inference_url}/predictions/{model}"
-    headers = {**server.headers("inference"), "Content-Type": workload.content_type, **headers}
+    """`count` requests from `concurrency` client threads (one keep-alive session each), after a warm-up."""
+    multipart = isinstance(server, LitServe)  # LitServe reads a form, not a raw body (bench/litserve_app.py)
+    if multipart:
+        url, worker_pid, worker_match = server.predict_url, server.process.pid, None
+    else:
+        url = f"{server.inference_url}/predictions/{model}"
+        headers = {**server.headers("inference"), "Content-Type": workload.content_type, **headers}
+        worker_pid = int(server.pid_file.read_text().strip()) if server.pid_file.is_file() else os.getpid()
+        worker_match = "model_service_worker"
     local = threading.local()
 
     def one(index: int) -> tuple[float, int, int]:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
+        image = workload.images[index % len(workload.images)]
         started = time.perf_counter()
-        response = session.post(url, data=workload.images[index % len(workload.images)], headers=headers,
-                                timeout=300)
+        if multipart:
+            response = session.post(url, files={"image": ("image", image, workload.content_type)}, headers=headers,
+                                    timeout=300)
+        else:
+            response = session.post(url, data=image, headers=headers, timeout=300)
         return time.perf_counter() - started, len(response.content), response.status_code
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * 2)))  # warm-up: connections, worker caches
-        pid = int(server.pid_file.read_text().strip()) if server.pid_file.is_file() else os.getpid()
-        with WorkerMemory(pid) as memory:
+        with WorkerMemory(worker_pid, worker_match) as memory:
             started = time.perf_counter()
             answers = list(pool.map(one, range(count)))
             seconds = time.perf_counter() - started
     errors = sum(status != 200 for _, _, status in answers)
     return summarize(workload.name, contender, concurrency, [a[0] for a in answers], seconds,
                      [a[1] for a in answers], memory.peak or None, errors)
+
+
+class LitServe:
+    """bench/litserve_app.py in a subprocess on a free port: the same archive's handler inside LitServe."""
+
+    def __init__(self, workload: Workload, work: Path, workers: int | None):
+        import importlib.util
+
+        if importlib.util.find_spec("litserve") is None:
+            raise SystemExit("the litserve contender needs LitServe: pip install -e '.[bench]' (or leave it out: "
+                             "--contenders raw,segserve,stock)")
+        self.model_dir = work / f"litserve-{workload.name}"
+        with zipfile.ZipFile(workload.archive) as archive:
+            archive.extractall(self.model_dir)
+        self.port = free_ports("litserve")["litserve"]
+        command = [sys.executable, str(REPO / "bench" / "litserve_app.py"), "--model-dir", str(self.model_dir),
+                   "--port", str(self.port)] + (["--workers", str(workers)] if workers else [])
+        self.log = work / f"litserve-{workload.name}.log"
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def predict_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/predict"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"LitServe exited ({self.process.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"LitServe not ready after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        stop_process_group(self.process.pid)
+
+
+def same_answers(servers: dict, workload: Workload) -> dict:
+    """Each distinct image once through segserve and once through LitServe: are the PNG masks the same bytes?"""
+    segserve, litserve = servers["segserve"], servers["litserve"]
+    url = f"{segserve.inference_url}/predictions/{workload.name}"
+    headers = {**segserve.headers("inference"), "Content-Type": workload.content_type, "Accept": "image/png"}
+    equal = 0
+    for image in workload.images:
+        ours = requests.post(url, data=image, headers=headers, timeout=300)
+        theirs = requests.post(litserve.predict_url, files={"image": ("image", image, workload.content_type)},
+                               timeout=300)
+        equal += ours.status_code == theirs.status_code == 200 and ours.content == theirs.content
+    return {"images": len(workload.images), "equal": equal}
 
 
 def start_server(work: Path, store: Path, models: tuple[str, ...]) -> TorchServe:
@@ -426,12 +492,14 @@ def ratios(results: list[Result]) -> list[dict]:
         raw = index.get((r.workload, "raw", r.concurrency))
         raw1 = index.get((r.workload, "raw", 1))
         stock = index.get((r.workload, "stock", r.concurrency))
+        litserve = index.get((r.workload, "litserve", r.concurrency))
         forward = index.get((r.workload, "forward", r.concurrency))
         rows.append({
             "workload": r.workload, "concurrency": r.concurrency,
             "throughput_vs_raw": r.images_per_s / raw.images_per_s if raw else None,
             "throughput_vs_stock": r.images_per_s / stock.images_per_s if stock else None,
             "throughput_vs_forward": r.images_per_s / forward.images_per_s if forward else None,
+            "throughput_vs_litserve": r.images_per_s / litserve.images_per_s if litserve else None,
             "bytes_vs_stock": r.response_bytes / stock.response_bytes if stock else None,
             "p50_vs_raw_single": r.p50_ms / raw1.p50_ms if raw1 and r.concurrency == 1 else None,
         })
@@ -445,10 +513,11 @@ def ratio_table(rows: list[dict]) -> str:
         return f"{value * 100:9.2f}%" if pct else f"{value:9.2f}x"
 
     lines = [f"{'workload':<10} {'clients':>7} {'vs raw':>10} {'vs stock':>10} {'vs forward':>10} "
-             f"{'bytes/stock':>11} {'p50/raw(1)':>10}"]
+             f"{'vs litserve':>11} {'bytes/stock':>11} {'p50/raw(1)':>10}"]
     for row in rows:
         lines.append(f"{row['workload']:<10} {row['concurrency']:>7} {fmt(row['throughput_vs_raw'])} "
                      f"{fmt(row['throughput_vs_stock'])} {fmt(row['throughput_vs_forward'])} "
+                     f"{fmt(row['throughput_vs_litserve']):>11} "
                      f"{fmt(row['bytes_vs_stock'], pct=True):>11} {fmt(row['p50_vs_raw_single'])}")
     return "\n".join(lines)
 
@@ -462,7 +531,8 @@ def plot(results: list[Result], path: Path) -> None:
     workloads = sorted({r.workload for r in results})
     fig, axes = plt.subplots(2, len(workloads), figsize=(5.5 * len(workloads), 7), squeeze=False)
     for column, workload in enumerate(workloads):
-        for contender, style in (("forward", "b:"), ("raw", "k--"), ("segserve", "g-o"), ("stock", "r-s")):
+        for contender, style in (("forward", "b:"), ("raw", "k--"), ("segserve", "g-o"), ("litserve", "m-^"),
+                                 ("stock", "r-s")):
             rows = sorted((r for r in results if r.workload == workload and r.contender == contender),
                           key=lambda r: r.concurrency)
             if not rows:
@@ -490,7 +560,8 @@ def machine() -> dict:
 
 
 # -- main -------------------------------------------------------------------------------------
-ACCEPT = {"segserve": {"Accept": "image/png"}, "stock": {}}  # stock answers JSON only
+ACCEPT = {"segserve": {"Accept": "image/png"}, "litserve": {}, "stock": {}}  # stock answers JSON only; litserve PNG
+CONTENDERS = ("forward", "raw", "segserve", "litserve", "stock")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="deeplabv3" if gpu else "segmenter,lraspp",
                         help="segmenter, lraspp, deeplabv3, smp-unet, segformer (comma-separated; default "
                              "segmenter,lraspp, GPU: deeplabv3)")
-    parser.add_argument("--contenders", default="forward,raw,segserve,stock" if gpu else "raw,segserve,stock",
-                        help="forward, raw, segserve, stock (default raw,segserve,stock; GPU: all four)")
+    parser.add_argument("--contenders", default="forward,raw,segserve,litserve,stock" if gpu
+                        else "raw,segserve,litserve,stock",
+                        help="forward, raw, segserve, litserve, stock (default raw,segserve,litserve,stock; GPU: all)")
     parser.add_argument("--concurrency", default=None,
                         help="client counts, comma-separated (default 1,4,16; on a GPU 1,16,64)")
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default 48)")
@@ -528,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = args.contenders.split(",")
     names = args.workloads.split(",")
     unknown = (set(names) - {"segmenter", *PHOTO_ARCHS, *FAMILY_WORKLOADS}
-               | set(contenders) - {"forward", "raw", "segserve", "stock"})
+               | set(contenders) - set(CONTENDERS))
     if unknown:
         parser.error(f"unknown workload or contender: {', '.join(sorted(unknown))}")
 
@@ -551,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(w, c, level) for w in workloads for c in contenders for level in levels
                 if c != "stock" or w.stock_archive]
         bar = tqdm(total=len(plan), desc="benchmark", unit="level")
-        servers: dict[str, TorchServe] = {}
+        servers: dict[str, TorchServe | LitServe] = {}
+        agreement: dict[str, dict] = {}
         try:
             for workload in workloads:
                 # Both servers up, then every contender level by level, back to back: on a shared machine
@@ -560,14 +633,22 @@ def main(argv: list[str] | None = None) -> int:
                 served = {c: (f"stock-{workload.name}" if c == "stock" else workload.name,
                               workload.stock_archive if c == "stock" else workload.archive)
                           for c in contenders if c == "segserve" or (c == "stock" and workload.stock_archive)}
+                if "litserve" in contenders:
+                    bar.set_description("starting LitServe")
+                    servers["litserve"] = LitServe(workload, work, args.workers)
+                    servers["litserve"].wait_ready()
+                    served["litserve"] = (workload.name, workload.archive)
                 for contender, (model, archive) in served.items():
-                    bar.set_description(f"starting TorchServe ({model})")
-                    servers[contender] = start_server(work / model, store, (f"{model}={archive.name}",))
+                    if contender != "litserve":
+                        bar.set_description(f"starting TorchServe ({model})")
+                        servers[contender] = start_server(work / model, store, (f"{model}={archive.name}",))
                     # Measure a warm server, as one in service is: the JVM compiles the frontend's request path
                     # over its first requests, and on 2 cores that compiling slows a fresh server's first
                     # level (seen: 33 ms of frontend CPU per request after 4 requests, 19 ms after 80).
                     bar.set_description(f"warming up {model}")
                     run_http(servers[contender], model, workload, contender, 4, args.warmup, ACCEPT[contender])
+                if "segserve" in servers and "litserve" in servers:
+                    agreement[workload.name] = same_answers(servers, workload)
                 for level in levels:
                     for contender in contenders:
                         if contender == "stock" and not workload.stock_archive:
@@ -601,12 +682,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("segserve, as a ratio within this run:")
     print(ratio_table(rows))
+    for name, agreed in agreement.items():
+        print(f"{name}: LitServe's PNG masks equal segserve's on {agreed['equal']}/{agreed['images']} images")
     args.out.mkdir(parents=True, exist_ok=True)
     recorded = {k: str(v.resolve().relative_to(REPO) if isinstance(v, Path) and v.resolve().is_relative_to(REPO) else v)
                 for k, v in vars(args).items()}  # no machine path in a report that may be committed
     report = {"machine": machine(), "args": recorded,
               "workloads": {w.name: w.description for w in workloads},
-              "results": [asdict(r) for r in results], "ratios": rows}
+              "results": [asdict(r) for r in results], "ratios": rows, "litserve_agreement": agreement}
     json_path = args.out / f"{args.name}.json"
     json_path.write_text(json.dumps(report, indent=2))
     plot(results, args.out / f"{args.name}.png")

@@ -56,24 +56,27 @@ def test_ratios_are_taken_level_by_level():
     rows = ratios([result("raw", 1, 10), result("segserve", 1, 8, 10, 12), result("stock", 1, 2, 1000),
                    result("raw", 4, 20), result("segserve", 4, 18)])
     assert rows[0] == {"workload": "m", "concurrency": 1, "throughput_vs_raw": 0.8, "throughput_vs_stock": 4.0,
-                       "throughput_vs_forward": None, "bytes_vs_stock": 0.01, "p50_vs_raw_single": 1.2}
+                       "throughput_vs_forward": None, "throughput_vs_litserve": None, "bytes_vs_stock": 0.01,
+                       "p50_vs_raw_single": 1.2}
     assert rows[1]["throughput_vs_raw"] == 0.9 and rows[1]["throughput_vs_stock"] is None
 
 
 def test_bench_runs_every_contender(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--concurrency", "2", "--requests", "2",
-               "--lraspp-size", "128", "--contenders", "forward,raw,segserve,stock", "--out", str(tmp_path),
+               "--lraspp-size", "128", "--contenders", "forward,raw,segserve,litserve,stock", "--out", str(tmp_path),
                "--name", "smoke"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "smoke.json").read_text())
     measured = {(r["workload"], r["contender"]) for r in report["results"]}
     assert measured == {(workload, contender) for workload in ("segmenter", "lraspp")
-                        for contender in ("forward", "raw", "segserve")} | {("lraspp", "stock")}
+                        for contender in ("forward", "raw", "segserve", "litserve")} | {("lraspp", "stock")}
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in report["results"])
     stock = next(r for r in report["results"] if r["contender"] == "stock")
     ours = next(r for r in report["results"] if r["contender"] == "segserve" and r["workload"] == "lraspp")
     assert ours["response_bytes"] < stock["response_bytes"]  # a PNG mask vs stock's JSON float lists
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
     assert "segserve, as a ratio within this run" in result.stdout
-    assert all(row["throughput_vs_forward"] > 0 for row in report["ratios"])
+    assert all(row["throughput_vs_forward"] > 0 and row["throughput_vs_litserve"] > 0 for row in report["ratios"])
+    # the same pipeline inside LitServe answers the same masks, byte for byte
+    assert report["litserve_agreement"] == {w: {"images": 2, "equal": 2} for w in ("segmenter", "lraspp")}
