@@ -28,7 +28,8 @@ class SegmenterHandler(BaseHandler):
         if section is None:
             raise RuntimeError("model-config.yaml has no `handler:` section; rebuild the archive with build_mar.sh")
         config = ServingConfig.from_dict(section)
-        self.segmenter = Segmenter.from_model_dir(properties["model_dir"], config=config, device=self.device)
+        self.segmenter = Segmenter.from_model_dir(properties["model_dir"], config=config, device=self.device,
+                                                  batch_size=int(properties.get("batch_size") or 1))
         if context.metrics is not None:  # served on the metrics port (segserve.metrics)
             self.segmenter.metrics = Metrics(torchserve_sink(context.metrics))
         logger.info("segserve: %s %s (%s, %s head, %d classes) ready on %s", config.name, config.version,

@@ -140,3 +140,57 @@ def test_an_unexpected_failure_preparing_one_image_fails_only_that_request(segme
     bodies = [jpeg(scene(50 + i, (200, 240))) for i in range(3)]
     statuses = [s for s, _ in answers(batched, bodies)]
     assert statuses == [200, 500, 200]
+
+
+def test_jpegs_without_an_end_marker_take_pillows_path(segmenters):
+    """A truncated JPEG is planned for Pillow (which answers 400), never for the batched decoder: nvJPEG may
+    decode one into a grey-filled image without an error."""
+    from segserve.decode import ends_with_eoi
+
+    _, batched = segmenters
+    good = jpeg(scene(60, (200, 240)))
+    assert ends_with_eoi(good) and ends_with_eoi(good + b"\x00\x00\n")
+    assert not ends_with_eoi(good[:-1]) and not ends_with_eoi(good[: len(good) // 2])
+    batch = prepared(batched, [good, good[: len(good) * 2 // 3], good])
+    assert [p.decoder for p in batch.plans.values()] == ["torchvision", "pillow", "torchvision"]
+    assert [s for s, _ in answers(batched, [good, good[: len(good) * 2 // 3], good])] == [200, 400, 200]
+
+
+def test_a_failed_batched_decode_is_logged_and_counted(segmenters, monkeypatch, caplog):
+    """When the batched decoder fails, Pillow answers each image, and the fallback is not silent."""
+    from segserve.tools.inprocess import RecordedMetrics
+
+    pillow, batched = segmenters
+    bodies = [jpeg(scene(70 + i, (200, 240))) for i in range(3)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvjpegDecodeBatched failed (simulated)")
+
+    monkeypatch.setattr("segserve.decode.decode_jpegs", broken)
+    recorded = RecordedMetrics()
+    from segserve.metrics import Metrics, torchserve_sink
+
+    monkeypatch.setattr(batched.segmenter, "metrics", Metrics(torchserve_sink(recorded)))
+    with caplog.at_level("WARNING", logger="segserve.pipeline"):
+        got = answers(batched, bodies)
+    assert [s for s, _ in got] == [200, 200, 200]
+    for (_, a), (_, b) in zip(answers(pillow, bodies), got, strict=True):
+        assert np.array_equal(a, b)  # Pillow decoded them all
+    assert [m.value for m in recorded.named("segserve_decoder_fallbacks_total")] == [3]
+    assert "batched JPEG decode failed for 3 images (RuntimeError: nvjpegDecodeBatched failed" in caplog.text
+
+
+def test_a_compiled_model_is_warmed_up_at_the_batch_size_too(config):
+    """torch.compile recompiles at the second batch size it sees: the warm-up, not the first full batch, pays."""
+    from segserve.pipeline import Segmenter
+
+    shapes = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            shapes.append(x.shape[0])
+            return torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+    Segmenter(dataclasses.replace(config, compile=True), Recorder()).warm_up(batch_size=4)
+    Segmenter(dataclasses.replace(config, compile=False), Recorder()).warm_up(batch_size=4)
+    assert shapes == [1, 4, 1]

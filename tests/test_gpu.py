@@ -87,3 +87,23 @@ def test_nvjpeg_batch_decode_gives_the_cpu_masks(handler, gpu_handler, monkeypat
         assert a.status == b.status == 200
         mask_a, mask_b = (np.asarray(Image.open(io.BytesIO(r.body))) for r in (a, b))
         assert mask_a.shape == mask_b.shape and (mask_a == mask_b).mean() >= 0.995
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pick_device_makes_the_workers_gpu_current():
+    last = torch.cuda.device_count() - 1
+    assert pick_device(last) == torch.device(f"cuda:{last}")
+    assert torch.cuda.current_device() == last  # nvJPEG, cuDNN and bare .cuda() calls land on it
+    pick_device(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_truncated_jpeg_in_a_gpu_batch_fails_alone(handler, gpu_handler):
+    """As on the CPU: the truncated JPEG gets Pillow's 400, its batch neighbours nvJPEG's masks."""
+    buffer = io.BytesIO()
+    Image.fromarray(generate_scene(11, (384, 512))[0]).save(buffer, format="JPEG", quality=92)
+    good = buffer.getvalue()
+    requests = [Request({"body": body}, {"Accept": "image/png"}) for body in (good, good[: len(good) // 2], good)]
+    cpu, gpu = handle(handler, requests), handle(gpu_handler, requests)
+    assert [r.status for r in gpu] == [r.status for r in cpu] == [200, 400, 200]
+    assert gpu[1].body == cpu[1].body

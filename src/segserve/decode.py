@@ -216,6 +216,13 @@ def decode_jpegs(data: list[bytes], orientations: list[int], device: torch.devic
     return [upright(image, orientation) for image, orientation in zip(images, orientations, strict=True)]
 
 
+def ends_with_eoi(data: bytes) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (FF D9), allowing the zero or whitespace padding some
+    writers add. A truncated JPEG does not; neither does one with a trailer after its image (then Pillow,
+    which reads up to the marker, decodes it)."""
+    return data.rstrip(b"\x00 \t\r\n").endswith(b"\xff\xd9")
+
+
 def upright(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
     """(C, H, W) as stored -> as shown, for EXIF orientation 1-8 (what ImageOps.exif_transpose does)."""
     if orientation in ROTATED:

@@ -13,6 +13,9 @@ Series, each also labelled ModelName, Level and Hostname by TorchServe:
   into its mask or probabilities). Failed requests are timed too.
 - segserve_images_total, segserve_pixels_total: counters of images answered with 200 and their pixels.
 - segserve_errors_total{type=..., status=...}: counter of refused or failed requests by error type.
+- segserve_decoder_fallbacks_total: counter of JPEGs the batched decoder (nvJPEG on a GPU) failed on as a
+  batch, each then decoded by Pillow. One bad JPEG in a batch adds the batch's size; a steady rise with no
+  400s means the batched decoder itself is broken.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ STAGE_SECONDS = "segserve_stage_seconds"
 IMAGES = "segserve_images_total"
 PIXELS = "segserve_pixels_total"
 ERRORS = "segserve_errors_total"
+DECODER_FALLBACKS = "segserve_decoder_fallbacks_total"
 
 # name, value, kind ("counter" or "histogram"), labels, index of the request in its batch (or None)
 Sink = Callable[[str, float, str, dict[str, str], "int | None"], None]
@@ -66,6 +70,9 @@ class Metrics:
 
     def failed(self, error_type: str, status: int, index: int | None = None) -> None:
         self._emit(ERRORS, 1, "counter", {"type": error_type, "status": str(status)}, index)
+
+    def decoder_fallback(self, images: int) -> None:
+        self._emit(DECODER_FALLBACKS, images, "counter", {})
 
 
 def torchserve_sink(recorder) -> Sink:

@@ -121,7 +121,11 @@ ENCODING = _Stage("failed", "while encoding the mask", "the mask could not be en
 def pick_device(gpu_id: int | None) -> torch.device:
     """The GPU TorchServe assigned to this worker when CUDA is there, else the CPU."""
     if gpu_id is not None and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(gpu_id)}")
+        device = torch.device(f"cuda:{int(gpu_id)}")
+        # Make it the current device too: torchvision's nvJPEG decoder, cuDNN handles and any bare `.cuda()`
+        # in a family's code go to the current device, which is otherwise GPU 0 in every worker.
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 
@@ -151,8 +155,11 @@ class Segmenter:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: ServingConfig | None = None,
-                       device: torch.device | str = "cpu", warm_up: bool = True) -> Segmenter:
-        """Load from a directory holding model-config.yaml and the weights file it names."""
+                       device: torch.device | str = "cpu", warm_up: bool = True, batch_size: int = 1) -> Segmenter:
+        """Load from a directory holding model-config.yaml and the weights file it names.
+
+        batch_size: the largest batch TorchServe will hand the worker (its batchSize), warmed up too when the
+        model is compiled."""
         model_dir = Path(model_dir)
         config = config or ServingConfig.from_yaml(model_dir / "model-config.yaml")
         if config.threads > 0:
@@ -166,13 +173,17 @@ class Segmenter:
             model = torch.compile(model)
         segmenter = cls(config, model, device)
         if warm_up:
-            segmenter.warm_up()
+            segmenter.warm_up(batch_size)
         return segmenter
 
-    def warm_up(self) -> None:
-        """One forward pass so the first real request doesn't pay for lazy initialisation."""
+    def warm_up(self, batch_size: int = 1) -> None:
+        """A forward pass so the first real request doesn't pay for lazy initialisation. A compiled model is
+        also run at `batch_size`: torch.compile specializes on the first batch size and recompiles, with the
+        batch dimension dynamic, at the second, which would otherwise happen inside the first full batch."""
         height, width = self.config.input_size
-        self.forward(torch.zeros(1, 3, height, width))
+        sizes = (1, batch_size) if self.config.compile and batch_size > 1 else (1,)
+        for size in sizes:
+            self.forward(torch.zeros(size, 3, height, width))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode.
@@ -241,7 +252,12 @@ class Segmenter:
             with self.metrics.time("decode"):
                 pixels = decode.decode_jpegs([file.data for _, file in waiting],
                                              [file.header.orientation for _, file in waiting], self.device)
-        except Exception:  # noqa: BLE001 - one bad JPEG fails torchvision's whole call: find it with Pillow
+        except Exception as exc:  # noqa: BLE001 - one bad JPEG fails torchvision's whole call: find it with Pillow
+            # Logged and counted: a decoder broken for every batch (a driver, a library) would otherwise only
+            # show as slower answers.
+            logger.warning("batched JPEG decode failed for %d images (%s: %s); decoding each with Pillow",
+                           len(waiting), type(exc).__name__, str(exc)[:200])
+            self.metrics.decoder_fallback(len(waiting))
             pixels = [None] * len(waiting)
         for (index, file), tensor in zip(waiting, pixels, strict=True):
             plan = batch.plans[index]
@@ -277,7 +293,14 @@ class Segmenter:
 
     def _forward_batch(self, batch: Batch, plans: list[Plan]) -> torch.Tensor:
         try:
-            return self.forward(torch.stack([batch.model_inputs.pop(plan.index).to(self.device) for plan in plans]))
+            inputs = [batch.model_inputs.pop(plan.index) for plan in plans]
+            if all(item.device == inputs[0].device for item in inputs):
+                stacked = torch.stack(inputs)  # one copy to the device (in forward), not one per image
+                if stacked.device.type == "cpu" and self.device.type == "cuda":
+                    stacked = stacked.pin_memory()  # so forward's non_blocking copy is asynchronous
+            else:  # nvJPEG's inputs are on the GPU already, Pillow's on the CPU
+                stacked = torch.stack([item.to(self.device, non_blocking=True) for item in inputs])
+            return self.forward(stacked)
         except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
             logger.error("forward pass failed for requests %s: %s: %s",
                          ", ".join(request_name(plan.request_id, plan.index) for plan in plans),

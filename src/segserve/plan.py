@@ -107,8 +107,10 @@ class Planner:
         tiled = should_tile(header.width, header.height, options.tile, self.config)
         # Windows are cut from the image at its own scale; an answer drawn on the image needs all of it.
         full_scale = tiled or entry.needs_image
-        # Not CMYK JPEGs: torchvision's colours differ from Pillow's.
-        batched = self.batch_decode and not full_scale and header.format == "JPEG" and header.mode in ("RGB", "L")
+        # Not CMYK JPEGs: torchvision's colours differ from Pillow's. Not JPEGs without an end marker either:
+        # nvJPEG may decode a truncated one into a grey-filled image without an error, where Pillow says 400.
+        batched = (self.batch_decode and not full_scale and header.format == "JPEG" and header.mode in ("RGB", "L")
+                   and decode.ends_with_eoi(file.data))
         return Plan(index, request_id, header.width, header.height, tiled=tiled,
                     decoder=TORCHVISION if batched else PILLOW, reduce=not full_scale,
                     output=PROBS if entry.needs_probs else MASK, keep_image=entry.needs_image, format=entry,

@@ -59,7 +59,9 @@ def logits_to_mask(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     pixels = logits.float().permute(1, 2, 0).contiguous()
     classes = None
     if pixels.shape[:2] != (height, width):
-        classes = candidate_classes(pixels)
+        # On a GPU every class is upsampled: the exclusion test's answer (which classes, how many) needs the
+        # host to wait for the device, which costs more there than the upsampling it saves.
+        classes = None if pixels.is_cuda else candidate_classes(pixels)
         if classes is not None and classes.numel() == 1:
             return np.full((height, width), int(classes[0]), dtype=np.uint8)
         if classes is not None:
