@@ -49,7 +49,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.photos import photo_jpeg  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
-from segserve.tools.build import build  # noqa: E402
+from segserve.tools.build import ARCHIVER, build  # noqa: E402
 from segserve.tools.inprocess import Request, handle, load_handler  # noqa: E402
 from segserve.tools.server import TorchServe, free_ports, stop_process_group  # noqa: E402
 from segserve.tools.synthetic import generate_scene  # noqa: E402
@@ -256,8 +256,7 @@ def stock_archive(name: str, store: Path, work: Path, config_path: Path, weights
     config = work / "stock-config.yaml"
     ours = config_path.read_text().split("\nhandler:")[0]
     config.write_text(ours)
-    archiver = Path(sys.executable).parent / "torch-model-archiver"  # as segserve.tools.build runs it
-    command = [str(archiver), "--model-name", f"stock-{name}", "--version", "1.0", "--model-file", str(model_file),
+    command = [*ARCHIVER, "--model-name", f"stock-{name}", "--version", "1.0", "--model-file", str(model_file),
                "--serialized-file", str(weights), "--handler", "image_segmenter", "--export-path", str(store),
                "--config-file", str(config), "--force"]
     subprocess.run(command, check=True, capture_output=True, text=True)

@@ -41,6 +41,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # segserve/
 REPO = PACKAGE_DIR.parents[1]
 # Subpackages of segserve that never run in a worker: the archive ships the rest, the worker modules.
 NOT_SHIPPED = ("tools", "client")
+# torch-model-archiver as a module of this interpreter: works from a venv and from a PYTHONPATH install alike
+# (the GPU check's machine has no venv and no console script).
+ARCHIVER = (sys.executable, "-c", "from model_archiver.model_packaging import generate_model_archive as main; main()")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
 
@@ -468,7 +471,7 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
                 save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(stage / config.weights))
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(doc, sort_keys=False))
-        cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name,
+        cmd = [*ARCHIVER, "--model-name", name,
                "--version", config.version, "--handler", str(handler), "--extra-files", str(stage),
                "--config-file", str(config_file), "--export-path", str(Path(tmp) / "out"), "--force"]
         (Path(tmp) / "out").mkdir()
