@@ -75,16 +75,19 @@ class DicomSource:
         pydicom = require("pydicom")
         self._window = window
         with quiet(), _failures("the DICOM file could not be read: it is truncated or not a DICOM Part 10 file"):
+            declared = _meta_syntax(pydicom, data)
+            if declared:  # before the dataset is parsed: pydicom inflates a Deflated one there, without a bound
+                self._check_syntax(pydicom, declared)
             self.dataset = ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+            syntax = str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or "")
+            if not syntax:
+                raise InvalidImage("the DICOM file has no transfer syntax (file meta information): send it as a "
+                                   "DICOM Part 10 file (with its 128-byte preamble and DICM)")
             if "PixelData" not in ds:
                 other = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
                 raise UnprocessableImage(
                     f"the DICOM object has {other} (float pixels), which this server does not read" if other else
                     "the DICOM object has no pixel data (e.g. a structured report or a SEG): send an image")
-            syntax = str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or "")
-            if not syntax:
-                raise InvalidImage("the DICOM file has no transfer syntax (file meta information): send it as a "
-                                   "DICOM Part 10 file (with its 128-byte preamble and DICM)")
             self.syntax = syntax
             self._check_syntax(pydicom, syntax)
             rows, columns = _whole(ds, "Rows"), _whole(ds, "Columns")
@@ -196,6 +199,17 @@ def _file_window(item) -> tuple[Window | None, str]:
         return Window(center, width), function
     raise UnprocessableImage("the DICOM window (Window Center, Window Width, VOI LUT Function) is not one this "
                              "server reads; send a window=center,width option")
+
+
+def _meta_syntax(pydicom, data: bytes) -> str:
+    """The transfer syntax the file meta information (group 0002, after the preamble) names, read alone."""
+    if data[128:132] != b"DICM":
+        return ""
+    stream = io.BytesIO(data)
+    stream.seek(132)
+    meta = pydicom.filereader.read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                                           stop_when=lambda tag, vr, length: tag.group != 2)
+    return str(meta.get("TransferSyntaxUID", "") or "")
 
 
 def _first(value) -> float:
