@@ -76,6 +76,7 @@ evaluate: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) scripts/make_figures.py
+	$(PY) scripts/medical_figures.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -151,6 +151,8 @@ def test_the_seg_reads_back_equal_to_the_png_masks(handler, config, frames):
         assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == code.type[0]
         assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == code.category[0]
         assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        shown = highdicom.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.subtract(shown, config.classes[number].color)).max() <= 2
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
         source.SOPInstanceUID
     # pydicom alone: one bit plane per frame and segment

@@ -2,7 +2,8 @@
 
 The SEG has a segment per class asked for (background aside), labelled with the class's name and coded with
 handler.medical.segments' concepts, made by the model (algorithm: the model's name and version): BINARY from
-the served masks (each frame equal to the PNG mask's pixels of that class), or FRACTIONAL (probability, 8-bit)
+the served masks (each frame equal to the PNG mask's pixels of that class; the class's colour as its display
+colour), or FRACTIONAL (probability, 8-bit)
 from the classes' probabilities. What it carries of the source is what highdicom copies because the SEG IOD
 requires it (the Patient and General Study modules, the frame of reference and references to the source
 instance): nothing else of the source, no private tags.
@@ -56,7 +57,9 @@ def dicom_seg(outputs: list, source: DicomSource, config: ServingConfig, classes
             segment_number=number, segment_label=name,
             segmented_property_category=hd.sr.CodedConcept(*code.category),
             segmented_property_type=hd.sr.CodedConcept(*code.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            # the class's colour (handler.classes), which viewers show the segment in, as the PNG palette does
+            display_color=hd.color.CIELabColor.from_rgb(*config.classes[class_id].color)))
     try:
         with quiet():
             seg = hd.seg.Segmentation(

@@ -8,9 +8,12 @@ model sees, windowed, what the grey PNG of the scene shows (`grey_scene`).
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -123,3 +126,32 @@ def scene_nifti(seeds: Sequence[int] = (0, 1, 2), size: tuple[int, int] = (256, 
     image.header["descrip"] = b"sample volume"
     data = image.to_bytes()
     return (gzip.compress(data, mtime=0) if compressed else data), affine, truth
+
+
+SAMPLES = {"ct.dcm": "one CT slice (16-bit, rescaled, windowed)", "ct-volume.dcm": "an enhanced CT of 3 frames",
+           "volume.nii.gz": "a NIfTI volume of 3 slices along k"}
+
+
+def write_samples(folder: Path, seed: int = 7) -> list[Path]:
+    """The sample files docs/medical.md sends, written into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"ct.dcm": scene_dicom((seed,))[0], "ct-volume.dcm": scene_dicom((seed, seed + 1, seed + 2))[0],
+             "volume.nii.gz": scene_nifti((seed, seed + 1, seed + 2))[0]}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return [folder / name for name in files]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write sample DICOM and NIfTI files of synthetic scenes: "
+                                     + "; ".join(f"{name}: {what}" for name, what in SAMPLES.items()))
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder to write them into (default: here)")
+    parser.add_argument("--seed", type=int, default=7, help="the first scene's seed")
+    args = parser.parse_args(argv)
+    for path in write_samples(args.out, args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
