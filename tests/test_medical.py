@@ -12,8 +12,11 @@ import gzip
 import io
 import json
 import logging
+import os
+import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ import yaml
 from PIL import Image
 from support import MODEL, MODEL_CONFIG, REPO, encode_image, miou, torchserve
 from support.handlers import ask
+from test_docs import examples
 
 from segserve.config import ConfigError, ServingConfig
 from segserve.pipeline import Segmenter
@@ -413,6 +417,24 @@ def test_served_volumes_and_bad_files_and_no_patient_value_in_the_logs(medical_s
     assert "segserve batch" in logs  # the worker's log is there to search
     for value in (PATIENT_NAME, "Sample^Patient", "PID-9731", "ACC123", "Sample Clinic"):
         assert value not in logs, value
+
+
+@pytest.mark.integration
+def test_the_docs_examples_run_as_written(medical_server, tmp_path):
+    """docs/medical.md's blocks, in order in one folder (the first writes the sample files the others send),
+    against the served archive; each must exit 0 and print what its test comment says."""
+    blocks = examples(REPO / "docs" / "medical.md")
+    assert len(blocks) >= 7
+    env = dict(os.environ, SEGSERVE_URL=medical_server.inference_url,
+               SEGSERVE_TOKEN=medical_server.keys()["inference"], PYTHONPATH=str(REPO / "src"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    for block in blocks:
+        lang, code, expected = block.values
+        command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, (block.id, result.stderr[-2000:])
+        for text in expected:
+            assert text in result.stdout, (block.id, text, result.stdout[-1500:])
 
 
 # -- sample builders for colour DICOM -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from PIL import Image
 from ..config import ServingConfig, Window
 from ..errors import EmptyBody, ImageTooLarge, InvalidImage, LimitExceeded, PayloadTooLarge, UnprocessableImage
 from . import NIFTI, NIFTI_HEADER_BYTES, require
+from .dicom import quiet
 from .window import LINEAR, LINEAR_EXACT, apply_window, range_window
 
 NIFTI1_BYTES = 348
@@ -53,14 +54,15 @@ class NiftiSource:
         if len(head) < header_bytes:
             raise InvalidImage("the NIfTI file is truncated: its header is incomplete")
         try:
-            # The header alone: extensions (which may hold a whole DICOM header) are neither read nor answered.
-            header = header_class.from_fileobj(io.BytesIO(head[:header_bytes]), check=False)
-            shape = tuple(int(d) for d in header.get_data_shape())
-            dtype = header.get_data_dtype()
-            offset = int(header.get_data_offset())
-            affine = header.get_best_affine()
-            zooms = header.get_zooms()
-            slope, inter = header.get_slope_inter()
+            with quiet():  # nibabel warns about odd headers quoting their fields
+                # The header alone: extensions (which may hold a whole DICOM header) are neither read nor answered.
+                header = header_class.from_fileobj(io.BytesIO(head[:header_bytes]), check=False)
+                shape = tuple(int(d) for d in header.get_data_shape())
+                dtype = header.get_data_dtype()
+                offset = int(header.get_data_offset())
+                affine = header.get_best_affine()
+                zooms = header.get_zooms()
+                slope, inter = header.get_slope_inter()
         except Exception as exc:  # noqa: BLE001 - nibabel raises several kinds for a broken header
             raise UnprocessableImage(f"the NIfTI header is implausible ({type(exc).__name__}): check its dim, "
                                      "datatype and pixdim fields") from None
@@ -111,8 +113,9 @@ class NiftiSource:
     def volume(self) -> np.ndarray:
         """The volume's modality values (float32, scl_slope and scl_inter applied), 3-D."""
         try:
-            image = self._image_class.from_bytes(self._raw)
-            return np.asarray(image.get_fdata(dtype=np.float32)).reshape(self.shape)
+            with quiet():
+                image = self._image_class.from_bytes(self._raw)
+                return np.asarray(image.get_fdata(dtype=np.float32)).reshape(self.shape)
         except Exception as exc:  # noqa: BLE001 - nibabel's reader failing on what its header promised
             raise InvalidImage(f"the NIfTI voxels could not be read ({type(exc).__name__})") from None
 
