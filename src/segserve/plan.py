@@ -214,12 +214,13 @@ def request_memory(config: ServingConfig, width: int, height: int, *, tiled: boo
 
 def frames_memory(config: ServingConfig, width: int, height: int, frames: int, entry: Format | None,
                   classes: int) -> int:
-    """What a request of several frames holds beside one frame's peak (request_memory): every frame's model
-    input (float32, 3 channels) and logits at the model's size (float32 per class), then its output at the
-    image's size (a mask, or float16 probabilities per class asked for)."""
+    """What a request of several frames holds beside one frame's peak (request_memory): every frame's windowed
+    RGB image (until its model input is made), model input (float32, 3 channels) and logits at the model's size
+    (float32 per class), then its output at the image's size (a mask, or float16 probabilities per class asked
+    for)."""
     model_pixels = config.input_size[0] * config.input_size[1]
     output = PROB_BYTES * classes if entry is not None and entry.needs_probs else MASK_BYTES
-    return frames * (model_pixels * 4 * (3 + config.num_classes) + width * height * output)
+    return frames * (model_pixels * 4 * (3 + config.num_classes) + width * height * (IMAGE_BYTES + output))
 
 
 def declared_type(inputs: dict[str, Any], headers: dict[str, Any]) -> str:
