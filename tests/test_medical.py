@@ -150,7 +150,7 @@ def test_the_seg_reads_back_equal_to_the_png_masks(handler, config, frames):
     assert seg.SegmentationType == "BINARY" and seg.number_of_segments == config.num_classes - 1
     for number, segment in enumerate(seg.SegmentSequence, start=1):
         name = config.classes[number].name
-        code = config.medical.segment_code(name)
+        code = config.classes[number].segment_code
         assert segment.SegmentLabel == name
         assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == code.type[0]
         assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == code.category[0]
@@ -345,13 +345,21 @@ def test_the_seg_carries_only_what_the_standard_requires_of_the_source(handler):
 # -- config ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("medical, words", [
     ({"window": "lung"}, "preset"), ({"window": [40, 0]}, "width >= 1"), ({"slice_axis": 3}, "0, 1 or 2"),
-    ({"segments": {"tumour": {"type": [1, "SCT", "x"]}}}, "not a class"), ({"windows": "file"}, "window"),
-    ({"segments": {"cell": {"type": [1, "SCT"]}}}, "code value, coding scheme, meaning"),
+    ({"windows": "file"}, "window"), ({"presets": {"lung": [-600]}}, "center, width"),
 ])
 def test_the_medical_section_is_read_strictly(medical, words):
     section = yaml.safe_load(MODEL_CONFIG.read_text())["handler"]
     with pytest.raises(ConfigError, match=words):
         ServingConfig.from_dict({**section, "medical": medical})
+
+
+def test_class_codes_are_read_strictly_and_default_to_a_local_one():
+    section = yaml.safe_load(MODEL_CONFIG.read_text())["handler"]
+    with pytest.raises(ConfigError, match=r"classes\[1\]\.code must be \[code value, coding scheme, meaning\]"):
+        ServingConfig.from_dict({**section, "classes": [{"name": "background"}, {"name": "a", "code": [1, "SCT"]}]})
+    plain = ServingConfig.from_dict({**section, "classes": ["background", "lesion"]})
+    assert plain.classes[1].segment_code.type == ("lesion", "99SEGSERVE", "lesion")
+    assert plain.classes[1].segment_code.category == ("91723000", "SCT", "Anatomical Structure")
 
 
 # -- served by a real TorchServe ------------------------------------------------------------------------------

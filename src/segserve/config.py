@@ -29,6 +29,19 @@ class ClassInfo:
     id: int
     name: str
     color: tuple[int, int, int]
+    # A DICOM SEG's coded concepts for the class (segserve.medical), each (code value, coding scheme, meaning):
+    # its segmented property type and category. None: the class's name in a local scheme; Anatomical Structure.
+    code: tuple[str, str, str] | None = None
+    category: tuple[str, str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The class as model-config.yaml lists it (what a build copies into the archive's config)."""
+        extra = {key: list(value) for key, value in (("code", self.code), ("category", self.category)) if value}
+        return {"name": self.name, "color": list(self.color), **extra}
+
+    @property
+    def segment_code(self) -> SegmentCode:
+        return SegmentCode(self.category or ANATOMICAL_STRUCTURE, self.code or (self.name, LOCAL_SCHEME, self.name))
 
 
 # Input formats read by default, by Pillow's names (handler.limits.formats).
@@ -126,11 +139,6 @@ class Medical:
     presets: dict[str, Window] = field(default_factory=dict)
     # The NIfTI axis (0, 1, 2) a volume is cut along into the 2-D slices the model segments (request: axis=...).
     slice_axis: int = 2
-    # Per class name: its SEG category and type codes (defaults: Anatomical Structure, the class name in 99SEGSERVE).
-    segments: dict[str, SegmentCode] = field(default_factory=dict)
-
-    def segment_code(self, name: str) -> SegmentCode:
-        return self.segments.get(name) or SegmentCode(ANATOMICAL_STRUCTURE, (name, LOCAL_SCHEME, name))
 
 
 HEADS = ("softmax", "binary", "multilabel")  # segserve.heads
@@ -142,14 +150,14 @@ DECODERS = ("auto", "pillow", "torchvision")
 # The keys each part of the `handler:` section may hold (arch_params is free-form: the architecture's kwargs).
 HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "postprocess", "runtime", "medical")
 MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights", "head", "requires")
-CLASS_KEYS = ("name", "color")
+CLASS_KEYS = ("name", "color", "code", "category")
 INPUT_KEYS = ("size", "mean", "std")
 LIMITS_KEYS = tuple(f.name for f in fields(Limits))
 TILING_KEYS = tuple(f.name for f in fields(Tiling))
 POSTPROCESS_KEYS = tuple(f.name for f in fields(PostProcessDefaults))
 RUNTIME_KEYS = ("threads", "channels_last", "precision", "decoder", "compile")
 MEDICAL_KEYS = tuple(f.name for f in fields(Medical))
-SEGMENT_KEYS = ("category", "type")
+
 
 
 @dataclass(frozen=True)
@@ -280,7 +288,7 @@ class ServingConfig:
             precision=choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
             decoder=choice(runtime.get("decoder", "auto"), DECODERS, "handler.runtime.decoder"),
             compile=boolean(runtime.get("compile", False), "handler.runtime.compile"),
-            medical=_medical(medical, classes),
+            medical=_medical(medical),
         )
 
 
@@ -441,7 +449,7 @@ def window(value: Any, where: str) -> Window:
     return Window(float(value[0]), float(value[1]))
 
 
-def _medical(section: dict, classes: tuple[ClassInfo, ...]) -> Medical:
+def _medical(section: dict) -> Medical:
     raw_presets = section.get("presets") or {}
     if not isinstance(raw_presets, dict):
         raise ConfigError(f"handler.medical.presets must map names to [center, width], e.g. {{brain: [40, 80]}}, "
@@ -458,22 +466,7 @@ def _medical(section: dict, classes: tuple[ClassInfo, ...]) -> Medical:
     axis = whole_number(section.get("slice_axis", 2), "handler.medical.slice_axis", 0)
     if axis > 2:
         raise ConfigError(f"handler.medical.slice_axis must be 0, 1 or 2 (a NIfTI volume's i, j, k), got {axis}")
-    raw_segments = section.get("segments") or {}
-    if not isinstance(raw_segments, dict):
-        raise ConfigError("handler.medical.segments must map class names to {category: [code, scheme, meaning], "
-                          f"type: [code, scheme, meaning]}}, got {raw_segments!r}")
-    names = [c.name for c in classes]
-    segments = {}
-    for name, raw in raw_segments.items():
-        where = f"handler.medical.segments.{name}"
-        if name not in names:
-            raise ConfigError(f"{where}: {name!r} is not a class of this model ({', '.join(names)})")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be {{category: [code, scheme, meaning], type: [code, scheme, meaning]}}")
-        check_keys(raw, SEGMENT_KEYS, where)
-        segments[name] = SegmentCode(_code(raw.get("category", list(ANATOMICAL_STRUCTURE)), f"{where}.category"),
-                                     _code(raw.get("type"), f"{where}.type"))
-    return Medical(window=chosen, presets=presets, slice_axis=axis, segments=segments)
+    return Medical(window=chosen, presets=presets, slice_axis=axis)
 
 
 def _code(value: Any, where: str) -> tuple[str, str, str]:
@@ -496,7 +489,10 @@ def _class_info(index: int, raw: Any) -> ClassInfo:
     if not (isinstance(color, (list, tuple)) and len(color) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in color)):
         raise ConfigError(f"{where}.color must be [r, g, b], whole numbers 0..255, got {color!r}")
-    return ClassInfo(id=index, name=_text(raw["name"], f"{where}.name"), color=(color[0], color[1], color[2]))
+    code, category = (None if raw.get(key) is None else _code(raw[key], f"{where}.{key}")
+                      for key in ("code", "category"))
+    return ClassInfo(id=index, name=_text(raw["name"], f"{where}.name"), color=(color[0], color[1], color[2]),
+                     code=code, category=category)
 
 
 def _default_color(index: int) -> list[int]:

@@ -1,12 +1,11 @@
-"""Masks -> a DICOM SEG (highdicom) referencing its source instance, and masks -> a NIfTI label volume.
+"""Masks -> a DICOM SEG (highdicom) referencing its source instance.
 
-The SEG has a segment per class asked for (background aside), labelled with the class's name and coded with
-handler.medical.segments' concepts, made by the model (algorithm: the model's name and version): BINARY from
-the served masks (each frame equal to the PNG mask's pixels of that class; the class's colour as its display
-colour), or FRACTIONAL (probability, 8-bit)
-from the classes' probabilities. What it carries of the source is what highdicom copies because the SEG IOD
-requires it (the Patient and General Study modules, the frame of reference and references to the source
-instance): nothing else of the source, no private tags.
+The SEG has a segment per class asked for (background aside), labelled with the class's name, coded with its
+concepts in handler.classes (code, category), in the class's colour, made by the model (algorithm: the model's
+name and version): BINARY from the served masks (each frame equal to the PNG mask's pixels of that class), or
+FRACTIONAL (probability, 8-bit) from the classes' probabilities. What it carries of the source is what highdicom
+copies because the SEG IOD requires it (the Patient and General Study modules, the frame of reference and
+references to the source instance): nothing else of the source, no private tags.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def dicom_seg(outputs: list, source: DicomSource, config: ServingConfig, classes
     descriptions = []
     for number, class_id in enumerate(ids, start=1):
         name = config.classes[class_id].name
-        code = config.medical.segment_code(name)
+        code = config.classes[class_id].segment_code
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=name,
             segmented_property_category=hd.sr.CodedConcept(*code.category),
