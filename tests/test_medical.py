@@ -313,6 +313,13 @@ def test_a_worker_without_the_extra_answers_415_naming_it(handler, monkeypatch):
     assert answer(handler, png_of(grey_scene(0)[0])).status == 200
 
 
+def test_window_and_axis_are_refused_where_they_do_not_apply(handler):
+    reply = answer(handler, png_of(grey_scene(0)[0]), window="40,400")
+    assert reply.status == 400 and "DICOM and NIfTI" in json.loads(reply.body)["message"]
+    reply = answer(handler, scene_dicom((0,))[0], axis="1")
+    assert reply.status == 400 and "NIfTI volume" in json.loads(reply.body)["message"]
+
+
 def test_a_format_for_dicom_refuses_other_input(handler):
     reply = answer(handler, png_of(grey_scene(0)[0]), "dicom-seg")
     assert reply.status == 400 and "DICOM" in json.loads(reply.body)["message"]

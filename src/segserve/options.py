@@ -24,7 +24,8 @@ from .masks import PostProcess
 
 POSTPROCESS_OPTIONS = ("threshold", "smooth", "smooth_method", "fill_holes", "min_area")
 # window and axis: DICOM and NIfTI input only (segserve.medical).
-OPTION_NAMES = ("format", "classes", "tile", *POSTPROCESS_OPTIONS, "instance_mask", "window", "axis")
+MEDICAL_OPTIONS = ("window", "axis")
+OPTION_NAMES = ("format", "classes", "tile", *POSTPROCESS_OPTIONS, "instance_mask", *MEDICAL_OPTIONS)
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 # Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
 TILE_MODES = ("auto", "on", "off")
@@ -44,6 +45,7 @@ class Options:
     instance_mask: bool = False  # format=instances: add the uint16 instance-id PNG
     window: str | Window = FILE_WINDOW  # DICOM/NIfTI: "file" or a Window (a preset's already looked up)
     axis: int = 2  # NIfTI: the axis a volume is cut along into slices
+    medical_given: tuple[str, ...] = ()  # which of window and axis the request set (refused for other input)
 
 
 def request_header(headers: dict[str, Any], name: str) -> str | None:
@@ -80,7 +82,8 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
     return Options(format=name, classes=parse_classes(fields.get("classes"), config), tile=_tile(fields.get("tile")),
                    post=parse_postprocess(fields, config),
                    instance_mask=_flag(fields.get("instance_mask"), "instance_mask"),
-                   window=parse_window(fields.get("window"), config), axis=_axis(fields.get("axis"), config))
+                   window=parse_window(fields.get("window"), config), axis=_axis(fields.get("axis"), config),
+                   medical_given=tuple(key for key in MEDICAL_OPTIONS if fields.get(key) not in (None, "")))
 
 
 def parse_window(value: Any, config: ServingConfig) -> str | Window:

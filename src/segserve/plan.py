@@ -29,7 +29,7 @@ from PIL import Image
 from . import decode, formats, medical, tiling, v2
 from .config import Limits, ServingConfig
 from .decode import ImageFile
-from .errors import BadRequest, LimitExceeded, shown
+from .errors import BadRequest, InvalidOption, LimitExceeded, shown
 from .formats import Format
 from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess
 from .tiling import should_tile
@@ -102,6 +102,9 @@ class Planner:
         kind = medical.sniff(data, declared_type(inputs, headers))
         if kind is not None or entry.needs_source is not None:
             return self._plan_medical(index, request_id, kind, data, options, entry)
+        if options.medical_given:
+            raise InvalidOption(f"{' and '.join(options.medical_given)} apply to DICOM and NIfTI input; this body is "
+                                "an image: drop them")
         file = ImageFile(data, self.config.limits)
         classes = len(options.classes) if options.classes else self.config.num_classes
         for width, height in file.sizes:  # both turns of a PNG whose orientation only decoding tells
@@ -128,6 +131,8 @@ class Planner:
             got = kind.upper() if kind else "neither DICOM nor NIfTI"
             raise BadRequest(f"format={entry.name} answers {entry.needs_source.upper()} input; this body is {got}: "
                              "ask for another format (png, json, ...)")
+        if kind == medical.DICOM and "axis" in options.medical_given:
+            raise InvalidOption("axis cuts a NIfTI volume into slices; a DICOM object's frames are its own: drop it")
         source = medical.open_source(kind, data, self.config, options)
         frames, width, height = source.frames, source.width, source.height
         if frames > 1 and not entry.volumes:
