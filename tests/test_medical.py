@@ -124,6 +124,25 @@ def test_rgb_and_palette_dicom_are_taken_as_colour(handler):
     assert np.array_equal(mask_of(served.body), mask_of(answer(handler, png_of(palette)).body))
 
 
+def test_a_jpeg_baseline_ybr_dicom_decodes_as_pillow_decodes_its_jpeg(config):
+    """JPEG Baseline (pylibjpeg-libjpeg) in YBR_FULL_422, converted to RGB by pydicom: the colours Pillow gives
+    the same JPEG (two decoders: within a grey level or two, never a colour shift)."""
+    from pydicom.encaps import encapsulate
+
+    from segserve.medical import open_source
+    from segserve.options import Options
+
+    image, _ = generate_colour(SEEDS[0])
+    encoded = encode_image(Image.fromarray(image), "JPEG", quality=90, subsampling="4:2:2")
+    ds = pydicom.dcmread(io.BytesIO(colour_dicom(image)))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = encapsulate([encoded])
+    ds["PixelData"].VR = "OB"
+    frame = np.asarray(open_source("dicom", to_bytes(ds), config, Options()).images()[0], np.int16)
+    assert np.abs(frame - np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), np.int16)).mean() < 1.0
+
+
 def test_the_overlay_of_a_dicom_is_drawn_on_the_windowed_image(handler):
     data, _ = scene_dicom((SEEDS[0],))
     grey, _ = grey_scene(SEEDS[0])
