@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from support.handlers import ask
 from test_docs import examples
 
 from segserve.config import ConfigError, ServingConfig
+from segserve.medical import open_source
+from segserve.options import Options
 from segserve.pipeline import Segmenter
 from segserve.tools.build import build
 from segserve.tools.inprocess import Request, handle
@@ -128,9 +131,6 @@ def test_a_jpeg_baseline_ybr_dicom_decodes_as_pillow_decodes_its_jpeg(config):
     """JPEG Baseline (pylibjpeg-libjpeg) in YBR_FULL_422, converted to RGB by pydicom: the colours Pillow gives
     the same JPEG (two decoders: within a grey level or two, never a colour shift)."""
     from pydicom.encaps import encapsulate
-
-    from segserve.medical import open_source
-    from segserve.options import Options
 
     image, _ = generate_colour(SEEDS[0])
     encoded = encode_image(Image.fromarray(image), "JPEG", quality=90, subsampling="4:2:2")
@@ -239,6 +239,30 @@ def test_a_nifti_volume_answers_a_label_volume_with_its_affine_and_header(handle
     with zipfile.ZipFile(io.BytesIO(plane.body)) as archive:
         assert np.array_equal(mask_of(archive.read("slice_0005.png")), across_volume[5].T)
     assert answer(handler, scene_nifti(SEEDS, compressed=False)[0], "nifti").body == reply.body
+
+
+def test_a_nifti_2_volume_and_a_gzip_that_inflates_past_its_voxels(handler):
+    data, affine, truth = scene_nifti(SEEDS[:2], compressed=False)
+    one = nibabel.Nifti1Image.from_bytes(data)
+    two = nibabel.Nifti2Image(one.dataobj.get_unscaled(), one.affine)
+    two.header.set_slope_inter(SLOPE, INTERCEPT)
+    two.header["cal_min"], two.header["cal_max"] = one.header["cal_min"], one.header["cal_max"]
+    reply = answer(handler, two.to_bytes(), "nifti")
+    assert reply.status == 200, reply.body
+    labels = nibabel.Nifti2Image.from_bytes(gzip.decompress(reply.body))
+    assert labels.shape == truth.shape and np.allclose(labels.affine, affine)
+    assert np.array_equal(np.asarray(labels.dataobj), np.asarray(nibabel.Nifti1Image.from_bytes(
+        gzip.decompress(answer(handler, data, "nifti").body)).dataobj))
+    # 100 MB of zeros after the voxels (a 100 KB gzip): only the bytes the header needs are inflated.
+    bomb = gzip.compress(data + bytes(100_000_000), compresslevel=9)
+    assert len(bomb) < 1_000_000
+    config = handler.segmenter.config
+    tracemalloc.start()
+    source = open_source("nifti", bomb, config, Options())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert source.frames == 2 and peak < 10 * len(data)  # the voxels' bytes, not the 100 MB after them
+    assert answer(handler, bomb, "nifti").body == answer(handler, data, "nifti").body
 
 
 # -- bad input: a 4xx of its own ------------------------------------------------------------------------------
