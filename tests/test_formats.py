@@ -148,14 +148,19 @@ def test_each_accept_media_type_selects_one_format():
     claimed = [media for entry in formats.REGISTRY.values() for media in entry.accept]
     assert len(claimed) == len(set(claimed))
     assert {media: formats.for_accept(media).name for media in claimed} == {
-        "application/json": "json", "image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs"}
+        "application/json": "json", "image/png": "png", "image/jpeg": "overlay", "application/x-npy": "probs",
+        # segserve.medical's (tests/test_medical.py)
+        "application/dicom": "dicom-seg", "application/gzip": "nifti", "application/x-nifti": "nifti",
+        "application/zip": "slices"}
     # By quality (application/json's 1 over image/png's 0.9), case-insensitive, unknown types passed over.
     assert formats.for_accept("text/html, IMAGE/PNG;q=0.9, application/json") is formats.REGISTRY["json"]
     assert formats.for_accept("text/html, IMAGE/PNG, application/json;q=0.5") is formats.REGISTRY["png"]
     assert formats.for_accept("*/*") is formats.REGISTRY[formats.DEFAULT] and formats.for_accept("") is None
 
 
-@pytest.mark.parametrize("name", [name for name in formats.REGISTRY if name != "probs"])
+# Not probs (the next test), nor the medical answers that need their DICOM or NIfTI source (tests/test_medical.py).
+@pytest.mark.parametrize("name", [name for name, entry in formats.REGISTRY.items()
+                                  if not entry.needs_probs and entry.needs_source is None])
 @pytest.mark.parametrize("kind", ["noise", "checker"])
 @pytest.mark.parametrize("size", [(1, 1), (7, 5), (64, 48), (257, 131)])
 def test_size_estimates_bound_the_answers_of_hard_masks(config, name, kind, size):
@@ -174,7 +179,7 @@ def test_the_probs_estimate_is_its_data_and_only_probs_is_capped(config):
     body = formats.REGISTRY["probs"].encode(formats.EncoderInput(probs, Options(format="probs"), config))
     assert formats.REGISTRY["probs"].estimate(17, 31, 2) == probs.nbytes == len(body) - 128  # .npy header
     assert [name for name, entry in formats.REGISTRY.items() if entry.capped] == ["probs"]
-    assert [name for name, entry in formats.REGISTRY.items() if entry.needs_probs] == ["probs"]
+    assert [name for name, entry in formats.REGISTRY.items() if entry.needs_probs] == ["probs", "dicom-seg-fractional"]
     assert [name for name, entry in formats.REGISTRY.items() if entry.needs_image] == ["overlay"]
 
 

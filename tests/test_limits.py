@@ -237,12 +237,23 @@ def test_every_format_is_held_to_the_response_limit_once_encoded(config, name):
     output = rng.random((3, 60, 80)).astype(np.float16) if entry.needs_probs else rng.integers(0, 3, (60, 80)).astype(
         np.uint8)
     image = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)) if entry.needs_image else None
-    job = formats.EncoderInput(output, Options(format=name), config, image)
+    source = medical_source(entry.needs_source, config, (60, 80)) if entry.needs_source else None
+    job = formats.EncoderInput(output, Options(format=name), config, image, source)
     assert formats.encode(entry, job)
     small = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_response_bytes=500))
     with pytest.raises(ResponseTooLarge, match="max_response_bytes") as info:
         formats.encode(entry, dataclasses.replace(job, config=small))
     assert info.value.status == 413 and entry.too_large_hint in info.value.message
+
+
+def medical_source(kind: str, config, size: tuple[int, int]):
+    """The DICOM or NIfTI source a medical format references: a sample of the synthetic scene (segserve.medical)."""
+    pytest.importorskip("pydicom", reason="the medical formats need segserve's 'medical' extra")
+    from segserve.medical import open_source
+    from segserve.tools.medical_samples import scene_dicom, scene_nifti
+
+    data = scene_dicom((0,), size)[0] if kind == "dicom" else scene_nifti((0,), size)[0]
+    return open_source(kind, data, config, Options())
 
 
 def test_overlay_works_in_a_few_bytes_per_pixel(config):

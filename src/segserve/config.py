@@ -29,6 +29,19 @@ class ClassInfo:
     id: int
     name: str
     color: tuple[int, int, int]
+    # A DICOM SEG's coded concepts for the class (segserve.medical), each (code value, coding scheme, meaning):
+    # its segmented property type and category. None: the class's name in a local scheme; Anatomical Structure.
+    code: tuple[str, str, str] | None = None
+    category: tuple[str, str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The class as model-config.yaml lists it (what a build copies into the archive's config)."""
+        extra = {key: list(value) for key, value in (("code", self.code), ("category", self.category)) if value}
+        return {"name": self.name, "color": list(self.color), **extra}
+
+    @property
+    def segment_code(self) -> SegmentCode:
+        return SegmentCode(self.category or ANATOMICAL_STRUCTURE, self.code or (self.name, LOCAL_SCHEME, self.name))
 
 
 # Input formats read by default, by Pillow's names (handler.limits.formats).
@@ -61,6 +74,8 @@ class Limits:
     # Fields of a form or JSON body besides the image, and the bytes of one option's value.
     max_fields: int = 16
     max_option_bytes: int = 1_000
+    # Frames of one multi-frame DICOM or slices of one NIfTI volume (each is a model input), read from the header.
+    max_frames: int = 512
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,41 @@ class PostProcessDefaults:
     ignore_label: int = 0  # the class id (0..255) a softmax pixel under the threshold becomes
 
 
+@dataclass(frozen=True)
+class Window:
+    """A VOI window (DICOM's window center and width, in modality units such as HU): what maps to 0..255."""
+
+    center: float
+    width: float
+
+
+@dataclass(frozen=True)
+class SegmentCode:
+    """A class's coded concepts in a DICOM SEG: (code value, coding scheme, meaning) each."""
+
+    category: tuple[str, str, str]
+    type: tuple[str, str, str]
+
+
+# A SEG segment's default category, and the local coding scheme its default type is named in (the class name).
+ANATOMICAL_STRUCTURE = ("91723000", "SCT", "Anatomical Structure")
+LOCAL_SCHEME = "99SEGSERVE"
+FILE_WINDOW = "file"
+
+
+@dataclass(frozen=True)
+class Medical:
+    """The `handler.medical:` section (segserve.medical, docs/medical.md): how DICOM and NIfTI input becomes the
+    8-bit image the model was trained on, and how the classes are coded in a DICOM SEG."""
+
+    # The VOI window: "file" (the file's own window center and width; NIfTI: cal_min and cal_max; else the
+    # frame's own range), a preset's name, or [center, width]. A request's `window` option overrides it.
+    window: str | Window = FILE_WINDOW
+    presets: dict[str, Window] = field(default_factory=dict)
+    # The NIfTI axis (0, 1, 2) a volume is cut along into the 2-D slices the model segments (request: axis=...).
+    slice_axis: int = 2
+
+
 HEADS = ("softmax", "binary", "multilabel")  # segserve.heads
 SMOOTH_METHODS = ("median", "open", "close")  # segserve.masks
 MAX_SMOOTH_RADIUS = 50
@@ -98,14 +148,16 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DECODERS = ("auto", "pillow", "torchvision")
 
 # The keys each part of the `handler:` section may hold (arch_params is free-form: the architecture's kwargs).
-HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "postprocess", "runtime")
+HANDLER_KEYS = ("model", "classes", "input", "limits", "tiling", "postprocess", "runtime", "medical")
 MODEL_KEYS = ("name", "version", "arch", "arch_params", "weights", "head", "requires")
-CLASS_KEYS = ("name", "color")
+CLASS_KEYS = ("name", "color", "code", "category")
 INPUT_KEYS = ("size", "mean", "std")
 LIMITS_KEYS = tuple(f.name for f in fields(Limits))
 TILING_KEYS = tuple(f.name for f in fields(Tiling))
 POSTPROCESS_KEYS = tuple(f.name for f in fields(PostProcessDefaults))
 RUNTIME_KEYS = ("threads", "channels_last", "precision", "decoder", "compile")
+MEDICAL_KEYS = tuple(f.name for f in fields(Medical))
+
 
 
 @dataclass(frozen=True)
@@ -138,6 +190,7 @@ class ServingConfig:
     decoder: str = "auto"
     # torch.compile the model at load (slower start, faster forwards on GPU); off by default.
     compile: bool = False
+    medical: Medical = Medical()
 
     @property
     def num_classes(self) -> int:
@@ -200,6 +253,7 @@ class ServingConfig:
         runtime = _section(section, "runtime", RUNTIME_KEYS)
         tiling = _section(section, "tiling", TILING_KEYS)
         postprocess = _section(section, "postprocess", POSTPROCESS_KEYS)
+        medical = _section(section, "medical", MEDICAL_KEYS)
 
         raw_classes = section.get("classes")
         if not isinstance(raw_classes, list) or len(raw_classes) < 2:
@@ -234,6 +288,7 @@ class ServingConfig:
             precision=choice(runtime.get("precision", "auto"), PRECISIONS, "handler.runtime.precision"),
             decoder=choice(runtime.get("decoder", "auto"), DECODERS, "handler.runtime.decoder"),
             compile=boolean(runtime.get("compile", False), "handler.runtime.compile"),
+            medical=_medical(medical),
         )
 
 
@@ -385,6 +440,43 @@ def _postprocess(section: dict) -> PostProcessDefaults:
         ignore_label=ignore)
 
 
+def window(value: Any, where: str) -> Window:
+    """[center, width] (width >= 1, as DICOM's VOI window) -> Window."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+            and value[1] >= 1):
+        raise ConfigError(f"{where} must be [center, width] in the image's units (e.g. HU: [40, 400]), width >= 1, "
+                          f"got {value!r}")
+    return Window(float(value[0]), float(value[1]))
+
+
+def _medical(section: dict) -> Medical:
+    raw_presets = section.get("presets") or {}
+    if not isinstance(raw_presets, dict):
+        raise ConfigError(f"handler.medical.presets must map names to [center, width], e.g. {{brain: [40, 80]}}, "
+                          f"got {raw_presets!r}")
+    presets = {str(name): window(value, f"handler.medical.presets.{name}") for name, value in raw_presets.items()}
+    chosen = section.get("window", FILE_WINDOW)
+    if isinstance(chosen, str):
+        if chosen != FILE_WINDOW and chosen not in presets:
+            raise ConfigError(f"handler.medical.window must be {FILE_WINDOW!r}, a preset's name "
+                              f"({', '.join(presets) or 'none set in handler.medical.presets'}) or [center, width], "
+                              f"got {chosen!r}")
+    else:
+        chosen = window(chosen, "handler.medical.window")
+    axis = whole_number(section.get("slice_axis", 2), "handler.medical.slice_axis", 0)
+    if axis > 2:
+        raise ConfigError(f"handler.medical.slice_axis must be 0, 1 or 2 (a NIfTI volume's i, j, k), got {axis}")
+    return Medical(window=chosen, presets=presets, slice_axis=axis)
+
+
+def _code(value: Any, where: str) -> tuple[str, str, str]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (str, int)) for v in value)
+            and all(str(v) for v in value)):
+        raise ConfigError(f"{where} must be [code value, coding scheme, meaning], e.g. [4421005, SCT, Cell], "
+                          f"got {value!r}")
+    return str(value[0]), str(value[1]), str(value[2])
+
+
 def _class_info(index: int, raw: Any) -> ClassInfo:
     where = f"handler.classes[{index}]"
     if isinstance(raw, str):
@@ -397,7 +489,10 @@ def _class_info(index: int, raw: Any) -> ClassInfo:
     if not (isinstance(color, (list, tuple)) and len(color) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in color)):
         raise ConfigError(f"{where}.color must be [r, g, b], whole numbers 0..255, got {color!r}")
-    return ClassInfo(id=index, name=_text(raw["name"], f"{where}.name"), color=(color[0], color[1], color[2]))
+    code, category = (None if raw.get(key) is None else _code(raw[key], f"{where}.{key}")
+                      for key in ("code", "category"))
+    return ClassInfo(id=index, name=_text(raw["name"], f"{where}.name"), color=(color[0], color[1], color[2]),
+                     code=code, category=category)
 
 
 def _default_color(index: int) -> list[int]:

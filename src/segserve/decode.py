@@ -38,7 +38,10 @@ ROTATED = (5, 6, 7, 8)  # orientations that swap width and height
 
 # Declared body types we read; anything else (text/*, XML, ...) is a 415.
 READABLE_TYPES = ("image/", "application/octet-stream", "application/json", "multipart/form-data",
-                  "application/x-www-form-urlencoded", "binary/octet-stream")
+                  "application/x-www-form-urlencoded", "binary/octet-stream",
+                  # DICOM and NIfTI (segserve.medical)
+                  "application/dicom", "application/gzip", "application/x-gzip", "application/x-nifti",
+                  "application/nifti")
 
 
 def extract_image_bytes(request: dict[str, Any], content_types: dict[str, str] | None = None) -> bytes:

@@ -109,3 +109,10 @@ class UnprocessableEntity(RequestError):
 class InternalError(RequestError):
     status, type = 500, "internal_error"
 
+
+
+class UnprocessableImage(UnprocessableEntity):
+    """A well-formed medical file the model cannot take: a DICOM without pixel data, a NIfTI with an implausible
+    header (segserve.medical)."""
+
+    type = "unprocessable_image"

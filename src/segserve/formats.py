@@ -19,9 +19,11 @@ its own two output kinds (segserve.v2), not a format.
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -43,6 +45,7 @@ class EncoderInput:
     options: Options
     config: ServingConfig
     image: Image.Image | None = None  # the decoded RGB image at its own size, if needs_image
+    source: Any = None  # DICOM or NIfTI input: its segserve.medical source (what a SEG or label volume references)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Format:
     working_bytes: Callable[[int], float] = lambda k: 8
     # Bytes beyond those, from (pixels, limits): what grows with the answer's content rather than its pixels.
     working_extra: Callable[[int, Limits], int] = lambda pixels, limits: 0
+    # Medical answers (segserve.medical): the input they need (DICOM, NIfTI), and whether they answer every frame
+    # of a multi-frame DICOM or every slice of a volume (the other formats answer one image).
+    needs_source: str | None = None
+    volumes: bool = False
 
 
 def _png_bytes(width: int, height: int) -> int:
@@ -109,6 +116,32 @@ def _probs(job: EncoderInput) -> bytes:
     return encoders.probs_npy(job.output)
 
 
+def _frames(job: EncoderInput) -> list:
+    """The masks (or probabilities) of each frame: a request of one image has its own only."""
+    return job.output if isinstance(job.output, list) else [job.output]
+
+
+def _dicom_seg(job: EncoderInput, fractional: bool = False) -> bytes:
+    from .medical.seg import dicom_seg
+
+    return dicom_seg(_frames(job), job.source, job.config, job.options.classes, fractional)
+
+
+def _nifti(job: EncoderInput) -> bytes:
+    return job.source.answer([MaskSet.of(m).keep_classes(job.options.classes).labels for m in _frames(job)],
+                             job.config)
+
+
+def _slices(job: EncoderInput) -> bytes:
+    """A zip of one indexed PNG mask per frame or slice, in order (slice_0000.png, ...)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are deflated already
+        for number, masks in enumerate(_frames(job)):
+            labels = MaskSet.of(masks).keep_classes(job.options.classes).labels
+            archive.writestr(f"slice_{number:04d}.png", encoders.mask_to_png(labels, job.config.palette))
+    return buffer.getvalue()
+
+
 REGISTRY: dict[str, Format] = {f.name: f for f in (
     Format("json", "application/json", ("application/json",), _json,
            # the mask PNG in base64 (4 bytes per 3)
@@ -151,6 +184,22 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            lambda w, h, k: k * w * h * 2, needs_probs=True, capped=True,
            too_large_hint="ask for fewer classes (classes=...), send a smaller image, or use format=png",
            working_bytes=lambda k: 6 * k),
+    # DICOM and NIfTI input (segserve.medical, docs/medical.md). Their estimates are for one frame.
+    Format("dicom-seg", "application/dicom", ("application/dicom",), _dicom_seg,
+           # a bit per pixel and segment, and the SEG's header and per-frame functional groups
+           lambda w, h, k: k * (w * h // 8 + 1) + 65_536, needs_source="dicom", volumes=True,
+           # the frames' bool stack per segment, highdicom's copies of it and its packed bits
+           working_bytes=lambda k: 3 * k + 2, too_large_hint="ask for fewer classes, or send fewer frames"),
+    Format("dicom-seg-fractional", "application/dicom", (), lambda job: _dicom_seg(job, fractional=True),
+           lambda w, h, k: k * w * h + 65_536, needs_probs=True, needs_source="dicom", volumes=True,
+           working_bytes=lambda k: 10 * k, too_large_hint="ask for fewer classes, or send fewer frames"),
+    Format("nifti", "application/gzip", ("application/gzip", "application/x-nifti"), _nifti,
+           lambda w, h, k: w * h + 65_536, needs_source="nifti", volumes=True,
+           # the stacked labels, their transposed copy, the NIfTI bytes and their gzip
+           working_bytes=lambda k: 5, too_large_hint="send fewer slices"),
+    Format("slices", "application/zip", ("application/zip",), _slices,
+           lambda w, h, _: _png_bytes(w, h) + 128, volumes=True, working_bytes=lambda k: 3,
+           too_large_hint="send fewer frames or slices"),
 )}
 DEFAULT = "json"
 
@@ -205,7 +254,7 @@ def encode(entry: Format, job: EncoderInput) -> bytes:
     body = entry.encode(job)
     limit = job.config.limits.max_response_bytes
     if len(body) > limit:
-        height, width = job.output.shape[-2:]
+        height, width = (job.output[0] if isinstance(job.output, list) else job.output).shape[-2:]
         raise ResponseTooLarge(f"format={entry.name} for this {width}x{height} image came to {len(body)} bytes; the "
                                f"limit is {limit} (max_response_bytes): {entry.too_large_hint}")
     return body

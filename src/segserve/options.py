@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import formats
-from .config import MAX_SMOOTH_RADIUS, SMOOTH_METHODS, ServingConfig
+from .config import FILE_WINDOW, MAX_SMOOTH_RADIUS, SMOOTH_METHODS, ServingConfig, Window
 from .errors import InvalidOption, shown
 from .masks import PostProcess
 
 POSTPROCESS_OPTIONS = ("threshold", "smooth", "smooth_method", "fill_holes", "min_area")
-OPTION_NAMES = ("format", "classes", "tile", *POSTPROCESS_OPTIONS, "instance_mask")
+# window and axis: DICOM and NIfTI input only (segserve.medical).
+MEDICAL_OPTIONS = ("window", "axis")
+OPTION_NAMES = ("format", "classes", "tile", *POSTPROCESS_OPTIONS, "instance_mask", *MEDICAL_OPTIONS)
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 # Sliding-window inference (segserve.tiling): auto = only images over handler.tiling.auto_above_pixels.
 TILE_MODES = ("auto", "on", "off")
@@ -41,6 +43,9 @@ class Options:
     tile: str = "auto"
     post: PostProcess = PostProcess()
     instance_mask: bool = False  # format=instances: add the uint16 instance-id PNG
+    window: str | Window = FILE_WINDOW  # DICOM/NIfTI: "file" or a Window (a preset's already looked up)
+    axis: int = 2  # NIfTI: the axis a volume is cut along into slices
+    medical_given: tuple[str, ...] = ()  # which of window and axis the request set (refused for other input)
 
 
 def request_header(headers: dict[str, Any], name: str) -> str | None:
@@ -76,7 +81,42 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
                             "ask for a mask format")
     return Options(format=name, classes=parse_classes(fields.get("classes"), config), tile=_tile(fields.get("tile")),
                    post=parse_postprocess(fields, config),
-                   instance_mask=_flag(fields.get("instance_mask"), "instance_mask"))
+                   instance_mask=_flag(fields.get("instance_mask"), "instance_mask"),
+                   window=parse_window(fields.get("window"), config), axis=_axis(fields.get("axis"), config),
+                   medical_given=tuple(key for key in MEDICAL_OPTIONS if fields.get(key) not in (None, "")))
+
+
+def parse_window(value: Any, config: ServingConfig) -> str | Window:
+    """window=file, a preset's name, or "center,width" -> "file" or a Window; the model config's when unset."""
+    medical = config.medical
+    chosen = medical.window if value in (None, "") else str(value).strip()
+    if not isinstance(chosen, str):
+        return chosen
+    if chosen == FILE_WINDOW:
+        return FILE_WINDOW
+    if chosen in medical.presets:
+        return medical.presets[chosen]
+    parts = chosen.split(",")
+    try:
+        center, width = (float(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        center = width = None
+    if center is None or not (abs(center) < 1e9 and 1 <= width < 1e9):  # NaN fails both
+        presets = f"; this model's presets: {', '.join(medical.presets)}" if medical.presets else ""
+        raise InvalidOption(f"window must be 'center,width' in the image's units (e.g. window=40,400 for a CT soft "
+                            f"tissue window, width >= 1), {FILE_WINDOW!r} for the file's own{presets}; got "
+                            f"{shown(value)}")
+    return Window(center, width)
+
+
+def _axis(value: Any, config: ServingConfig) -> int:
+    if value is None or value == "":
+        return config.medical.slice_axis
+    text = str(value).strip()
+    if text not in ("0", "1", "2"):
+        raise InvalidOption(f"axis must be 0, 1 or 2 (the NIfTI volume's i, j or k axis to cut slices along), "
+                            f"got {shown(value)}")
+    return int(text)
 
 
 def parse_postprocess(fields: dict[str, Any], config: ServingConfig) -> PostProcess:

@@ -86,6 +86,7 @@ class Batch:
         self.jpegs: dict[int, ImageFile] = {}
         self.model_inputs: dict[int, torch.Tensor] = {}
         self.images: dict[int, Image.Image] = {}
+        self.sources: dict[int, Any] = {}  # DICOM and NIfTI input: what the medical formats reference
         self.outputs: dict[int, np.ndarray] = {}
         self.answers: dict[int, Response] = {}
         self.errors: dict[int, RequestError] = {}
@@ -97,7 +98,7 @@ class Batch:
     def fail(self, index: int, error: RequestError, response: Response) -> None:
         self.errors[index] = error
         self.answers[index] = response
-        for state in (self.jpegs, self.model_inputs, self.images, self.outputs):
+        for state in (self.jpegs, self.model_inputs, self.images, self.outputs, self.sources):
             state.pop(index, None)
 
     def responses(self) -> list[Response]:
@@ -226,8 +227,16 @@ class Segmenter:
             if plan.decoder == TORCHVISION:  # decoded with the batch's other JPEGs (_decode_jpegs)
                 batch.jpegs[index] = source
                 return
-            image = self._decode(plan, source)
-        self._take_image(batch, plan, image)
+            if plan.medical is not None:
+                images = source.images()
+                if plan.format.needs_source is not None:
+                    batch.sources[index] = source
+            else:
+                images = [self._decode(plan, source)]
+        if plan.frames > 1:
+            self._take_frames(batch, plan, images)
+        else:
+            self._take_image(batch, plan, images[0])
 
     def _decode(self, plan: Plan, source: Source) -> Image.Image:
         if isinstance(source, Image.Image):
@@ -242,6 +251,13 @@ class Segmenter:
             with self.metrics.time("preprocess", plan.index):
                 batch.model_inputs[plan.index] = to_model_input(image, self.config.input_size, self.config.mean,
                                                                 self.config.std)
+
+    def _take_frames(self, batch: Batch, plan: Plan, images: list[Image.Image]) -> None:
+        """A request of several frames (segserve.medical): one model input each, stacked (frames, 3, H, W)."""
+        config = self.config
+        with self.metrics.time("preprocess", plan.index):
+            batch.model_inputs[plan.index] = torch.stack([to_model_input(image, config.input_size, config.mean,
+                                                                         config.std) for image in images])
 
     def _decode_jpegs(self, batch: Batch) -> None:
         """Batched torchvision decode of the waiting JPEGs into model inputs on the model's device.
@@ -280,9 +296,10 @@ class Segmenter:
         if resized:
             with self.metrics.time("forward"):
                 logits = self._forward_batch(batch, resized)
-                for plan, row in zip(resized, logits, strict=True):
+                for plan, rows in zip(resized, logits, strict=True):
                     with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)):
-                        batch.outputs[plan.index] = self._output_from_logits(plan, row)
+                        outputs = [self._output_from_logits(plan, row) for row in rows]
+                        batch.outputs[plan.index] = outputs if plan.frames > 1 else outputs[0]
         for plan in plans:
             if plan.tiled:
                 with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)), \
@@ -291,16 +308,27 @@ class Segmenter:
                     batch.outputs[plan.index] = self._tiled_output(plan, image)
         return batch
 
-    def _forward_batch(self, batch: Batch, plans: list[Plan]) -> torch.Tensor:
+    def _forward_batch(self, batch: Batch, plans: list[Plan]) -> tuple[torch.Tensor, ...]:
+        """Each plan's logits (frames, C, h, w): one forward pass for the batch, or, with the frames of a DICOM or
+        NIfTI request among them, passes of at most the batch's size or handler.tiling.batch inputs (its slices go
+        through the model as a tiled image's windows do)."""
         try:
-            inputs = [batch.model_inputs.pop(plan.index) for plan in plans]
-            if all(item.device == inputs[0].device for item in inputs):
-                stacked = torch.stack(inputs)  # one copy to the device (in forward), not one per image
-                if stacked.device.type == "cpu" and self.device.type == "cuda":
-                    stacked = stacked.pin_memory()  # so forward's non_blocking copy is asynchronous
+            rows = [batch.model_inputs.pop(plan.index) for plan in plans]
+            rows = [row if row.dim() == 4 else row[None] for row in rows]
+            counts = [row.shape[0] for row in rows]
+            if all(row.device == rows[0].device for row in rows):
+                inputs = torch.cat(rows)  # one copy to the device (in forward), not one per image
+                if inputs.device.type == "cpu" and self.device.type == "cuda":
+                    inputs = inputs.pin_memory()  # so forward's non_blocking copy is asynchronous
             else:  # nvJPEG's inputs are on the GPU already, Pillow's on the CPU
-                stacked = torch.stack([item.to(self.device, non_blocking=True) for item in inputs])
-            return self.forward(stacked)
+                inputs = torch.cat([row.to(self.device, non_blocking=True) for row in rows])
+            del rows
+            if len(inputs) == len(plans):
+                logits = self.forward(inputs)
+            else:
+                step = max(len(plans), self.config.tiling.batch)
+                logits = torch.cat([self.forward(part) for part in inputs.split(step)])
+            return logits.split(counts)
         except Exception as exc:  # TorchServe fails the batch (503) and logs the traceback; name the requests
             logger.error("forward pass failed for requests %s: %s: %s",
                          ", ".join(request_name(plan.request_id, plan.index) for plan in plans),
@@ -338,7 +366,8 @@ class Segmenter:
             with self._guard(batch, plan.index, plan.request_id, ENCODING, self._respond(plan)):
                 with self.metrics.time("encode", plan.index):
                     batch.answers[plan.index] = self._encode(plan, batch.outputs.pop(plan.index),
-                                                             batch.images.pop(plan.index, None))
+                                                             batch.images.pop(plan.index, None),
+                                                             batch.sources.pop(plan.index, None))
                 self.metrics.answered(plan.width, plan.height, plan.index)
         responses = batch.responses()
         for index, response in enumerate(responses):
@@ -346,14 +375,18 @@ class Segmenter:
                 self.metrics.failed(response.error_type or "unknown", response.status, index)
         return responses
 
-    def _encode(self, plan: Plan, output: MaskSet | np.ndarray, image: Image.Image | None) -> Response:
+    def _encode(self, plan: Plan, output: MaskSet | np.ndarray | list, image: Image.Image | None,
+                source: Any = None) -> Response:
         if isinstance(output, MaskSet):
             output = postprocess(output, plan.options.post)
+        elif isinstance(output, list):  # the frames of a DICOM or NIfTI request
+            output = [postprocess(item, plan.options.post) if isinstance(item, MaskSet) else item for item in output]
         if plan.v2 is not None:
             body, content_type, headers = v2.answer(output.labels, plan.v2, self.config)
             return Response(200, content_type, body, headers=headers)
         return Response(200, plan.format.content_type,
-                        formats.encode(plan.format, EncoderInput(output, plan.options, self.config, image)))
+                        formats.encode(plan.format, EncoderInput(output, plan.options, self.config, image,
+                                                                 source)))
 
     # -- in-process use ------------------------------------------------------------------------
     def predict(self, images: list[Image.Image], tile: str = "auto") -> list[np.ndarray]:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import decode, formats, tiling, v2
+from . import decode, formats, medical, tiling, v2
 from .config import Limits, ServingConfig
 from .decode import ImageFile
-from .errors import BadRequest, LimitExceeded, shown
+from .errors import BadRequest, InvalidOption, LimitExceeded, shown
 from .formats import Format
 from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess
 from .tiling import should_tile
@@ -38,8 +38,9 @@ from .v2 import V2Request
 PILLOW, TORCHVISION = "pillow", "torchvision"  # Plan.decoder
 MASK, PROBS = "mask", "probs"  # Plan.output
 
-# What a plan's pixels come from: an encoded image opened lazily, or pixels already (v2 UINT8, predict()).
-Source = ImageFile | Image.Image
+# What a plan's pixels come from: an encoded image opened lazily, pixels already (v2 UINT8, predict()), or a
+# DICOM object or NIfTI volume opened and checked (segserve.medical).
+Source = ImageFile | Image.Image | medical.VolumeSource
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Plan:
     format: Format | None = None  # the REST answer's format; None for v2 and for in-process predictions
     options: Options = Options()  # REST options (v2 requests carry theirs in `v2`)
     v2: V2Request | None = None  # a v2 request: how to answer it in v2 form
+    medical: str | None = None  # DICOM or NIfTI input (segserve.medical): its frames are windowed images
+    frames: int = 1  # model inputs of the request: a multi-frame DICOM's frames, a NIfTI volume's slices
 
     @property
     def protocol(self) -> str:
@@ -95,7 +98,14 @@ class Planner:
                         keep_image=False, options=Options(post=parse_postprocess({}, self.config)), v2=request), source
         options = parse_options(inputs, headers, self.config)
         entry = formats.get(options.format)
-        file = ImageFile(decode.extract_image_bytes(inputs, content_types(headers)), self.config.limits)
+        data = decode.extract_image_bytes(inputs, content_types(headers))
+        kind = medical.sniff(data, declared_type(inputs, headers))
+        if kind is not None or entry.needs_source is not None:
+            return self._plan_medical(index, request_id, kind, data, options, entry)
+        if options.medical_given:
+            raise InvalidOption(f"{' and '.join(options.medical_given)} apply to DICOM and NIfTI input; this body is "
+                                "an image: drop them")
+        file = ImageFile(data, self.config.limits)
         classes = len(options.classes) if options.classes else self.config.num_classes
         for width, height in file.sizes:  # both turns of a PNG whose orientation only decoding tells
             formats.check_size(entry, width, height, classes, self.config.limits)
@@ -116,6 +126,35 @@ class Planner:
                     output=PROBS if entry.needs_probs else MASK, keep_image=entry.needs_image, format=entry,
                     options=options), file
 
+    def _plan_medical(self, index: int, request_id: str | None, kind: str | None, data: bytes, options: Options,
+                      entry: Format) -> tuple[Plan, Source]:
+        """A DICOM or NIfTI request's plan: its frames resized to the model input, a single frame like an image."""
+        if entry.needs_source is not None and kind != entry.needs_source:
+            got = kind.upper() if kind else "neither DICOM nor NIfTI"
+            raise BadRequest(f"format={entry.name} answers {entry.needs_source.upper()} input; this body is {got}: "
+                             "ask for another format (png, json, ...)")
+        if kind == medical.DICOM and "axis" in options.medical_given:
+            raise InvalidOption("axis cuts a NIfTI volume into slices; a DICOM object's frames are its own: drop it")
+        source = medical.open_source(kind, data, self.config, options)
+        frames, width, height = source.frames, source.width, source.height
+        if frames > 1 and not entry.volumes:
+            volume_formats = ", ".join(name for name, f in formats.REGISTRY.items()
+                                       if f.volumes and f.needs_source in (None, kind))
+            raise BadRequest(f"format={entry.name} answers one image; this {kind.upper()} has {frames} "
+                             f"{'frames' if kind == medical.DICOM else 'slices'}: ask for {volume_formats}")
+        if frames > 1 and options.tile == "on":
+            raise BadRequest(f"tile=on cuts one image into windows; this {kind.upper()} has {frames} images, each "
+                             "resized to the model input: drop tile or send tile=off")
+        classes = len(options.classes) if options.classes else self.config.num_classes
+        formats.check_size(entry, width, height, classes, self.config.limits)
+        tiled = frames == 1 and should_tile(width, height, options.tile, self.config)
+        if tiled:
+            self.check_windows(width, height, options.tile)
+        self.check_memory(width, height, tiled, entry, classes, source.decode_bytes, frames)
+        return Plan(index, request_id, width, height, tiled=tiled, decoder=PILLOW, reduce=False,
+                    output=PROBS if entry.needs_probs else MASK, keep_image=entry.needs_image, format=entry,
+                    options=options, medical=kind, frames=frames), source
+
     def check_windows(self, width: int, height: int, tile: str) -> None:
         """Refuse (413) a tiled request over max_windows: a thin image needs a window per few rows."""
         config = self.config
@@ -129,10 +168,12 @@ class Planner:
                                 f"{hint}")
 
     def check_memory(self, width: int, height: int, tiled: bool, entry: Format | None, classes: int,
-                     decode_bytes: int) -> None:
+                     decode_bytes: int, frames: int = 1) -> None:
         """Refuse (413) a request whose estimated peak memory is over max_request_memory."""
         need = request_memory(self.config, width, height, tiled=tiled, entry=entry, classes=classes,
                               decode_bytes=decode_bytes)
+        if frames > 1:
+            need += frames_memory(self.config, width, height, frames, entry, classes)
         limit = self.config.limits.max_request_memory
         if need > limit:
             fewer = ", ask for fewer classes" if entry is not None and entry.needs_probs else ""
@@ -176,6 +217,24 @@ def request_memory(config: ServingConfig, width: int, height: int, *, tiled: boo
     extra = entry.working_extra(pixels, config.limits) if entry is not None else 0
     encoding = pixels * (output + keep_image + working) + extra
     return int(max(pixels * decode_bytes, inference, encoding))
+
+
+def frames_memory(config: ServingConfig, width: int, height: int, frames: int, entry: Format | None,
+                  classes: int) -> int:
+    """What a request of several frames holds beside one frame's peak (request_memory): every frame's windowed
+    RGB image (until its model input is made), model input (float32, 3 channels) and logits at the model's size
+    (float32 per class), then its output at the image's size (a mask, or float16 probabilities per class asked
+    for)."""
+    model_pixels = config.input_size[0] * config.input_size[1]
+    output = PROB_BYTES * classes if entry is not None and entry.needs_probs else MASK_BYTES
+    return frames * (model_pixels * 4 * (3 + config.num_classes) + width * height * (IMAGE_BYTES + output))
+
+
+def declared_type(inputs: dict[str, Any], headers: dict[str, Any]) -> str:
+    """The content type the client declared for the image's input (application/dicom, ...), lower case."""
+    declared = content_types(headers)
+    key = next((key for key in IMAGE_FIELDS if key in inputs), None)
+    return (declared.get(key) or "").split(";")[0].strip().lower() if key else ""
 
 
 def check_fields(inputs: dict[str, Any], limits: Limits) -> None:

@@ -425,7 +425,7 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     if arch_params is None:
         arch_params = dict(base.arch_params)
     requested = head or _base_head(config_path)
-    names = classes if classes is not None else [{"name": c.name, "color": list(c.color)} for c in base.classes]
+    names = classes if classes is not None else [c.to_dict() for c in base.classes]
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segserve-mar-") as tmp:
         stage = Path(tmp) / "extra"
