@@ -22,20 +22,24 @@ WHEELS=(pycocotools==2.0.11 captum==0.9.0 litserve==0.2.19 fastapi==0.165.0 star
         python-multipart==0.0.34 pyzmq==27.3.0 pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5
         annotated-types==0.8.0 opentelemetry-api==1.45.2)
 
+download_wheels() {  # $1: folder, $2: Python version (the GPU image's is 3.12)
+  rm -rf "$1" && mkdir -p "$1"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$2" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d "$1" "${WHEELS[@]}"
+}
+
 prepare() {
   [ -f "$PACK_TORCHSERVE" ] || { echo "gpu_check: set PACK_TORCHSERVE to pack-torchserve.sh (not at $PACK_TORCHSERVE)" >&2; exit 2; }
   OUT_DIR=.gpu-pack bash "$PACK_TORCHSERVE"
-  rm -rf .whl && mkdir -p .whl
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl "${WHEELS[@]}"
+  download_wheels .whl 3.12
   du -ch .gpu-pack .whl model | tail -1
 }
 
-install() {  # $1: where to unpack; sets PATH, JAVA_HOME, PYTHONPATH for TorchServe and the wheels
-  local dest=$1
+install() {  # $1: where to unpack, $2: the wheels; sets PATH, JAVA_HOME, PYTHONPATH for TorchServe and them
+  local dest=$1 wheels=$2
   eval "$(bash .gpu-pack/unpack.sh "$dest/ts")"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$dest/site" .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$dest/site" "$wheels"/*.whl
   export PYTHONPATH="$PYTHONPATH:$dest/site:$PWD/src"
 }
 
@@ -45,7 +49,7 @@ run() {  # $1: output folder; $2: "gpu" or "rehearsal"
   export PYTHONUNBUFFERED=1 SEGSERVE_GPU_CHECK=$kind
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
     python3 -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())';
-    java -version 2>&1 | head -1; } | tee "$out/machine.txt"
+    java -version 2>&1 | head -1; python3 -c "import ts; print('TorchServe from', ts.__file__)"; } | tee "$out/machine.txt"
   local bench_args=(--workloads deeplabv3 --contenders forward,raw,segserve,litserve,stock --batch-size 32
                     --batch-delay 10 --concurrency 1,16,64 --requests 128 --warmup 64)
   local extras_args=()
@@ -69,13 +73,14 @@ run() {  # $1: output folder; $2: "gpu" or "rehearsal"
 
 case "$mode" in
   prepare) prepare ;;
-  run) install /tmp/segserve-gpu; run "${OUT:-bench/results/gpu-check}" gpu ;;
+  run) install /tmp/segserve-gpu .whl; run "${OUT:-bench/results/gpu-check}" gpu ;;
   rehearse)
     [ -d .gpu-pack ] && [ -d .whl ] || prepare
-    # Rehearsal from a throwaway copy of what travels, so nothing of this machine's venv is used by mistake
-    # beyond its Python (torch, numpy, pillow... as the GPU image has them).
+    # The same wheels for this machine's Python, installed as on the GPU machine, and TorchServe from the pack
+    # (both ahead of the venv's on PYTHONPATH), in a throwaway folder.
+    PATH="$PWD/.venv/bin:$PATH" download_wheels .gpu-pack/rehearsal-wheels "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     dest=$(mktemp -d /tmp/segserve-gpu-rehearsal.XXXXXX)
-    PATH="$PWD/.venv/bin:$PATH" install "$dest"
+    PATH="$PWD/.venv/bin:$PATH" install "$dest" .gpu-pack/rehearsal-wheels
     PATH="$PWD/.venv/bin:$PATH" run "${OUT:-bench/results/gpu-rehearsal}" rehearsal ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
