@@ -49,6 +49,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.photos import photo_jpeg  # noqa: E402
 from segserve.config import ServingConfig  # noqa: E402
+from segserve.metrics import STAGES  # noqa: E402
 from segserve.tools.build import ARCHIVER, build  # noqa: E402
 from segserve.tools.inprocess import Request, handle, load_handler  # noqa: E402
 from segserve.tools.server import TorchServe, free_ports, stop_process_group  # noqa: E402
@@ -397,13 +398,55 @@ def run_http(server: TorchServe | LitServe, model: str, workload: Workload, cont
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * 2)))  # warm-up: connections, worker caches
+        before = None if multipart else scrape(server)
         with WorkerMemory(worker_pid, worker_match) as memory:
             started = time.perf_counter()
             answers = list(pool.map(one, range(count)))
             seconds = time.perf_counter() - started
     errors = sum(status != 200 for _, _, status in answers)
-    return summarize(workload.name, contender, concurrency, [a[0] for a in answers], seconds,
-                     [a[1] for a in answers], memory.peak or None, errors)
+    result = summarize(workload.name, contender, concurrency, [a[0] for a in answers], seconds,
+                       [a[1] for a in answers], memory.peak or None, errors)
+    if before is not None:
+        time.sleep(1)  # the frontend reads the worker's metric lines asynchronously
+        client_ms = statistics.fmean(a[0] for a in answers) * 1000
+        result.notes["time_ms"] = time_breakdown(before, scrape(server), count, client_ms)
+    return result
+
+
+def scrape(server: TorchServe) -> dict[tuple[str, frozenset], float]:
+    """TorchServe's metrics port (Prometheus text), as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+    except requests.RequestException:
+        return {}
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def time_breakdown(before: dict, after: dict, count: int, client: float) -> dict | None:
+    """Where a request's time went, from the counters' change over one level (ms, means).
+
+    client: what the client measured (its mean latency, given); torchserve: the frontend's ts_inference_latency
+    (request in to answer out); queue: its ts_queue_latency (waiting for a worker); worker: segserve_stage_seconds
+    of the batch a request rode in (decode, preprocess and encode of every request in it, and its forward pass:
+    what the request waits for in the worker); ipc_and_frontend: torchserve - queue - worker (batch assembly,
+    the socket to the worker and back, the frontend's own handling); http: client - torchserve (HTTP, netty,
+    the client). None without the metrics (metrics_mode=log)."""
+    def delta(name: str, **labels: str) -> float:
+        return sum(v - before.get(key, 0.0) for key, v in after.items()
+                   if key[0] == name and all((k, w) in key[1] for k, w in labels.items()))
+
+    inference = delta("ts_inference_latency_microseconds_total") / 1000
+    batches = delta("segserve_stage_seconds_count", stage="forward")
+    if not inference or not batches:
+        return None
+    worker = sum(delta("segserve_stage_seconds_sum", stage=stage) for stage in STAGES) * 1000 / batches
+    torchserve = inference / count
+    queue = delta("ts_queue_latency_microseconds_total") / 1000 / count
+    return {"client": client, "http": client - torchserve, "torchserve": torchserve, "queue": queue,
+            "worker": worker, "ipc_and_frontend": torchserve - queue - worker, "batch_size": count / batches}
 
 
 class LitServe:
@@ -518,6 +561,19 @@ def ratio_table(rows: list[dict]) -> str:
                      f"{fmt(row['throughput_vs_stock'])} {fmt(row['throughput_vs_forward'])} "
                      f"{fmt(row['throughput_vs_litserve']):>11} "
                      f"{fmt(row['bytes_vs_stock'], pct=True):>11} {fmt(row['p50_vs_raw_single'])}")
+    return "\n".join(lines)
+
+
+def breakdown_table(results: list[Result]) -> str:
+    """segserve's time per request by where it went (time_breakdown), level by level."""
+    keys = ("client", "http", "torchserve", "queue", "worker", "ipc_and_frontend")
+    lines = ["segserve, where a request's time went (mean ms; worker = the batch it rode in):",
+             f"{'workload':<10} {'clients':>7} " + " ".join(f"{k:>16}" for k in keys) + f" {'batch':>6}"]
+    for r in results:
+        split = r.notes.get("time_ms") if r.contender == "segserve" else None
+        if split:
+            lines.append(f"{r.workload:<10} {r.concurrency:>7} " + " ".join(f"{split[k]:16.1f}" for k in keys)
+                         + f" {split['batch_size']:6.1f}")
     return "\n".join(lines)
 
 
@@ -681,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("segserve, as a ratio within this run:")
     print(ratio_table(rows))
+    print()
+    print(breakdown_table(results))
     for name, agreed in agreement.items():
         print(f"{name}: LitServe's PNG masks equal segserve's on {agreed['equal']}/{agreed['images']} images")
     args.out.mkdir(parents=True, exist_ok=True)
