@@ -9,6 +9,9 @@ WEIGHTS := model/segmenter.safetensors
 PYTEST_ARGS ?=
 # Options for bench/run.py, e.g. make bench BENCH_ARGS="--workloads lraspp --concurrency 1,8"
 BENCH_ARGS ?=
+# Options for bench/levers.py and bench/scaling.py, e.g. LEVERS_ARGS="--variants baseline,async-logging"
+LEVERS_ARGS ?=
+SCALING_ARGS ?=
 # Options for bench/soak.py, e.g. make soak SOAK_ARGS="--duration 60"
 SOAK_ARGS ?=
 # Options for build_mar.sh, e.g. make mar MAR_ARGS="--name roads --arch fcn_resnet50 --weights w.pt --classes bg,road"
@@ -17,7 +20,7 @@ MAR_ARGS ?=
 # Options for segserve ui, e.g. make ui UI_ARGS="--port 8091 --open"
 UI_ARGS ?=
 
-.PHONY: help install serve stop status ui mar train evaluate test test-unit lint fixup figures bench bench-tiling soak clean kserve-layout image test-container
+.PHONY: help install serve stop status ui mar train evaluate test test-unit lint fixup figures bench bench-levers bench-scaling gpu-check bench-tiling soak clean kserve-layout image test-container
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
@@ -30,7 +33,10 @@ help:
 	@echo "make train      retrain the default model into $(WEIGHTS) (~7 min on 2 cores)"
 	@echo "make evaluate   per-class IoU and mIoU of the default model on 200 held-out scenes"
 	@echo "make figures    regenerate docs/sample-*.png and docs/architecture-*.png (checks the worker boundary)"
-	@echo "make bench      raw vs segserve vs stock TorchServe: bench/results/cpu.{json,png} (15+ min)"
+	@echo "make bench      raw vs segserve vs LitServe vs stock TorchServe: bench/results/cpu.{json,png} (~8 min)"
+	@echo "make bench-levers   TorchServe's settings one by one vs raw: bench/results/levers.json (~12 min)"
+	@echo "make bench-scaling  time and memory vs image size (0.1-40 Mpx) and clients (1-64): bench/results/scaling.* (~10 min)"
+	@echo "make gpu-check  pack for the GPU machine (bench/gpu_check.sh prepare); run it there: bash bench/gpu_check.sh run"
 	@echo "make bench-tiling  large images: tiled vs downscaled mIoU, seams, time and peak RSS (15+ min)"
 	@echo "make soak       16 clients of good and bad requests, kill -9 a worker, scale: bench/results/soak.json (~4 min)"
 	@echo "make lint       ruff and hadolint (Dockerfiles);  make fixup: ruff --fix + format"
@@ -80,6 +86,15 @@ figures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-levers: $(STAMP)
+	$(PY) bench/levers.py $(LEVERS_ARGS)
+
+bench-scaling: $(STAMP)
+	$(PY) bench/scaling.py $(SCALING_ARGS)
+
+gpu-check: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash bench/gpu_check.sh prepare
 
 bench-tiling: $(STAMP)
 	$(PY) bench/tiling.py
