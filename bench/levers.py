@@ -168,7 +168,8 @@ def grpc_stubs(work: Path):
 
 
 def run_grpc(server: TorchServe, model: str, workload: Workload, concurrency: int, count: int, stubs) -> dict:
-    """Like bench.run.run_http, over gRPC: one channel per client thread, the image as the `body` input."""
+    """Like bench.run.run_http, over gRPC: one channel per client thread, the image as the `body` input and
+    format=png beside it."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -176,7 +177,8 @@ def run_grpc(server: TorchServe, model: str, workload: Workload, concurrency: in
 
     pb2, pb2_grpc = stubs
     target = f"{server.host}:{server.ports['grpc_inference']}"
-    metadata = (("authorization", server.headers("inference")["Authorization"]), ("accept", "image/png"))
+    # TorchServe hands a handler no gRPC metadata but the token: options travel in the input map, as form fields.
+    metadata = (("authorization", server.headers("inference")["Authorization"]),)
     local = threading.local()
 
     def one(index: int) -> tuple[float, int, int]:
@@ -187,7 +189,7 @@ def run_grpc(server: TorchServe, model: str, workload: Workload, concurrency: in
         image = workload.images[index % len(workload.images)]
         started = time.perf_counter()
         try:
-            reply = stub.Predictions(pb2.PredictionsRequest(model_name=model, input={"body": image}),
+            reply = stub.Predictions(pb2.PredictionsRequest(model_name=model, input={"body": image, "format": b"png"}),
                                      metadata=metadata, timeout=300)
             return time.perf_counter() - started, len(reply.prediction), 200
         except grpc.RpcError as error:
@@ -250,16 +252,36 @@ def measure(name: str, workload: Workload, work: Path, store: Path, levels: list
     try:
         bar.set_description(f"{name}: warm-up")
         send(server, workload, variant, 4, warmup, stubs)
+        same = same_as_http(server, workload, stubs) if variant.protocol == "grpc" else None
         for level in levels:
             bar.set_description(f"{name}: x{level}")
             result = send(server, workload, variant, level, count, stubs)
             rows.append(Row(name, level, result.images_per_s, result.p50_ms, raw[level].images_per_s,
                             raw[level].p50_ms, result.errors, startup,
-                            result.images_per_s / raw[level].images_per_s, result.p50_ms / raw[level].p50_ms))
+                            result.images_per_s / raw[level].images_per_s, result.p50_ms / raw[level].p50_ms,
+                            {"grpc_answers_equal_http": same} if same is not None else {}))
             bar.update()
     finally:
         server.stop()
     return rows
+
+
+def same_as_http(server: TorchServe, workload: Workload, stubs) -> str:
+    """Each image once over gRPC and once over HTTP: how many PNG masks are the same bytes ("n/m")."""
+    import grpc
+    import requests
+
+    pb2, pb2_grpc = stubs
+    stub = pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(f"{server.host}:{server.ports['grpc_inference']}"))
+    metadata = (("authorization", server.headers("inference")["Authorization"]),)
+    url = f"{server.inference_url}/predictions/segmenter"
+    headers = {**server.headers("inference"), "Content-Type": workload.content_type, "Accept": "image/png"}
+    equal = 0
+    for image in workload.images:
+        request = pb2.PredictionsRequest(model_name="segmenter", input={"body": image, "format": b"png"})
+        reply = stub.Predictions(request, metadata=metadata, timeout=300)
+        equal += reply.prediction == requests.post(url, data=image, headers=headers, timeout=300).content
+    return f"{equal}/{len(workload.images)}"
 
 
 def send(server: TorchServe, workload: Workload, variant: Variant, level: int, count: int, stubs):
