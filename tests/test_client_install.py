@@ -21,7 +21,7 @@ CLIENT = REPO / "src" / "segserve" / "client"
 # The base install's dependencies, by import name (requests, numpy, pillow, tqdm).
 CLIENT_DEPENDENCIES = {"requests", "numpy", "PIL", "tqdm"}
 SERVER_ONLY = {"torch", "torchvision", "torchserve", "torch-model-archiver", "pyyaml", "safetensors", "pycocotools",
-               "opencv-python-headless"}
+               "opencv-python-headless", "shapely"}
 
 
 def test_the_client_imports_only_itself_the_standard_library_and_its_dependencies():

@@ -21,6 +21,9 @@ OVERLAY_BAND_PIXELS = 1 << 16
 # low levels, while higher levels cost several times the CPU for a few % bytes.
 PNG_COMPRESS_LEVEL = 1
 
+POLYGON_COORDINATES = ("pixel edges, x right, y down, origin at the top-left corner of the image: pixel (x, y) is "
+                       "the square [x, x + 1] x [y, y + 1]")
+
 
 def mask_to_png(mask: np.ndarray, palette: list[int], compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """uint8 class-index mask (H, W) -> indexed ("P" mode) PNG bytes with the class palette.
@@ -113,46 +116,110 @@ def ring_count(binary: np.ndarray) -> int:
     return regions + rest
 
 
-def polygons(binary: np.ndarray, max_vertices: int | None = None) -> list[list[list[list[int]]]]:
-    """GeoJSON MultiPolygon coordinates of a binary mask: [[exterior, hole, ...], ...], closed rings of [x, y].
+def _edge_ring(contour: np.ndarray) -> np.ndarray:
+    """A contour traced on the 2x mask -> vertices on pixel-edge corners of the mask, repeats dropped.
 
-    Points are the centres of the boundary pixels (OpenCV's contour tracing), so
-    filling the exterior and clearing the holes rasterizes back to the mask. Over `max_vertices` traced,
-    LimitExceeded before they become Python lists (~100 bytes a vertex).
+    On the 2x mask pixel x spans columns 2x and 2x + 1; the outline runs through the centres of the boundary
+    columns, so column 2x (left side) -> edge x and 2x + 1 (right side) -> edge x + 1: u -> (u + 1) // 2.
+    """
+    points = (contour.reshape(-1, 2) + 1) // 2
+    keep = np.ones(len(points), bool)
+    keep[1:] = (points[1:] != points[:-1]).any(1)
+    points = points[keep]
+    if len(points) > 1 and (points[0] == points[-1]).all():
+        points = points[:-1]
+    return points
+
+
+def polygon_geometry(binary: np.ndarray, max_vertices: int | None = None):
+    """A binary mask as a valid shapely MultiPolygon whose area is exactly the mask's pixels (None if empty).
+
+    A pixel (x, y) is the square [x, x + 1] x [y, y + 1]. OpenCV traces pixel centres, whose rings are not the
+    pixels' outline and cross themselves where regions are one pixel wide; tracing the mask upsampled 2x and
+    moving each vertex to its pixel's edge gives the exact outline. A valid polygon's inside is connected, so
+    pixels that meet only at a corner belong to different polygons: each 4-connected region is traced on its
+    own (OpenCV's tracing joins them, and shapely.make_valid takes minutes on a checkerboard), which leaves
+    rings that only touch at corners, as OGC allows. Over `max_vertices` traced, LimitExceeded before any
+    geometry is built.
     """
     import cv2
+    import shapely
 
     if not binary.any():
-        return []
-    contours, hierarchy = cv2.findContours(binary.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    hierarchy = hierarchy[0]
-    vertices = sum(len(contour) + 1 for contour in contours)
-    if max_vertices is not None and vertices > max_vertices:
-        raise LimitExceeded(f"format=polygons: this mask traces to {vertices} vertices; the limit is {max_vertices} "
-                            "(max_polygon_vertices): use format=rle or png, or min_area=... to drop small regions")
-
-    def ring(contour: np.ndarray) -> list[list[int]]:
-        points = contour.reshape(-1, 2).tolist()
-        return points + [points[0]]
-
+        return None
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=4)
+    traced, vertices = [], 0
+    for region in range(1, count):
+        x, y, width, height = (int(v) for v in stats[region, :4])
+        crop = (labels[y:y + height, x:x + width] == region).astype(np.uint8)
+        doubled = np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1)
+        contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE,
+                                               offset=(2 * x, 2 * y))
+        vertices += sum(len(contour) + 1 for contour in contours)
+        if max_vertices is not None and vertices > max_vertices:
+            raise LimitExceeded(f"format=polygons: this mask traces to over {max_vertices} vertices "
+                                "(max_polygon_vertices): use format=rle or png, or min_area=... to drop small regions")
+        traced.append((contours, hierarchy[0]))
+    del labels
     shapes = []
-    for index, (_, _, child, parent) in enumerate(hierarchy):
-        if parent != -1:
-            continue
-        rings = [ring(contours[index])]
-        while child != -1:
-            rings.append(ring(contours[child]))
-            child = hierarchy[child][0]
-        shapes.append(rings)
-    return shapes
+    for contours, hierarchy in traced:
+        for index, (_, _, child, parent) in enumerate(hierarchy):
+            if parent != -1:
+                continue
+            holes = []
+            while child != -1:
+                holes.append(_edge_ring(contours[child]))
+                child = hierarchy[child][0]
+            shapes.append(shapely.Polygon(_edge_ring(contours[index]), holes))
+    geometry = shapely.MultiPolygon(shapes)
+    if not geometry.is_valid:  # not seen on any mask tried (tests/test_formats.py): a safety net
+        geometry = made_valid(geometry)
+    return shapely.orient_polygons(geometry)  # RFC 7946: exteriors counterclockwise, holes clockwise
+
+
+def made_valid(geometry):
+    """A valid MultiPolygon covering what `geometry`'s exteriors cover, less its holes (shapely's "structure"
+    method: the union of the pixels, however the rings touched or overlapped)."""
+    import shapely
+
+    return _polygonal(shapely.make_valid(geometry, method="structure", keep_collapsed=False))
+
+
+def _polygonal(geometry):
+    """The polygonal parts of what shapely.make_valid returned, as one MultiPolygon."""
+    import shapely
+
+    polygons = []
+    for part in shapely.get_parts(geometry):
+        if isinstance(part, shapely.Polygon):
+            polygons.append(part)
+        elif isinstance(part, shapely.MultiPolygon | shapely.GeometryCollection):
+            polygons.extend(_polygonal(part).geoms)
+    return shapely.MultiPolygon(polygons)
+
+
+def polygons(binary: np.ndarray, max_vertices: int | None = None) -> list[list[list[list[int]]]]:
+    """GeoJSON MultiPolygon coordinates of a binary mask: [[exterior, hole, ...], ...], closed rings of [x, y]
+    on pixel-edge corners (see polygon_geometry)."""
+    geometry = polygon_geometry(binary, max_vertices)
+    if geometry is None:
+        return []
+
+    def ring(line) -> list[list[int]]:
+        return np.asarray(line.coords).round().astype(np.int64).tolist()
+
+    return [[ring(shape.exterior), *(ring(hole) for hole in shape.interiors)] for shape in geometry.geoms]
 
 
 def polygons_response(masks: MaskSet | np.ndarray, config: ServingConfig,
                       classes: tuple[int, ...] | None = None) -> bytes:
+    """A GeoJSON FeatureCollection (RFC 7946), one Feature per class asked for: a MultiPolygon (empty where the
+    class is absent) with the class's id, name, area in pixels and fraction of the image; overlapping classes
+    (multi-label heads) keep their own geometries. Coordinates are pixel edges, not longitude/latitude."""
     masks = MaskSet.of(masks)
     limits = config.limits
     rings_left, vertices_left = limits.max_polygon_rings, limits.max_polygon_vertices
-    entries = []
+    features = []
     for c in selected(config, classes):
         binary = masks.binary(c.id)
         # OpenCV's tracing with holes takes time that grows faster than the number of rings: counted first.
@@ -163,9 +230,18 @@ def polygons_response(masks: MaskSet | np.ndarray, config: ServingConfig,
                                 "to drop small regions")
         shapes = polygons(binary, vertices_left)
         vertices_left -= sum(len(ring) for shape in shapes for ring in shape)
-        entries.append({**class_entry(c, binary), "geometry": {"type": "MultiPolygon", "coordinates": shapes}})
-    return _dumps({**_answer_head(masks, config), "classes": entries, "mask_format": "polygons",
-                   "coordinates": "pixel centres, x right, y down, origin at the top-left pixel"})
+        box = bbox(binary)
+        pixels = int(binary.sum())
+        feature = {"type": "Feature", "id": c.id,
+                   "properties": {"class_id": c.id, "class": c.name, "area": pixels,
+                                  "fraction": round(pixels / binary.size, 6)},
+                   "geometry": {"type": "MultiPolygon", "coordinates": shapes}}
+        if box is not None:  # GeoJSON's bbox: [min x, min y, max x, max y]
+            feature["bbox"] = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+        features.append(feature)
+    # The answer's head (model, size, ...) as GeoJSON "foreign members" beside type and features.
+    return _dumps({"type": "FeatureCollection", "features": features, **_answer_head(masks, config),
+                   "mask_format": "polygons", "pixel_coordinates": POLYGON_COORDINATES})
 
 
 def instance_mask_png(ids: np.ndarray) -> bytes:
