@@ -79,7 +79,8 @@ def test_segserve_help_and_the_client_import_run_there(client_venv):
                               timeout=120)
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert imported.stdout.split() == ["['segserve',", "'segserve.client',", "'segserve.client.aio',",
-                                       "'segserve.client.api',", "'segserve.client.cli',", "'segserve.client.errors']"]
+                                       "'segserve.client.api',", "'segserve.client.cli',", "'segserve.client.errors',",
+                                       "'segserve.client.exports']"]
 
 
 def test_the_page_is_installed_with_the_client(client_venv):
