@@ -61,6 +61,8 @@ class Limits:
     # Fields of a form or JSON body besides the image, and the bytes of one option's value.
     max_fields: int = 16
     max_option_bytes: int = 1_000
+    # Images of one KServe v1 request ({"instances": [...]}), each segmented as a request of its own in the batch.
+    max_v1_instances: int = 16
 
 
 @dataclass(frozen=True)

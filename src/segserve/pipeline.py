@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, formats, heads, tiling, v2
+from . import decode, formats, heads, tiling, v1, v2
 from .config import ServingConfig
 from .decode import ImageFile
 from .errors import InternalError, RequestError, truncated
@@ -89,6 +89,9 @@ class Batch:
         self.outputs: dict[int, np.ndarray] = {}
         self.answers: dict[int, Response] = {}
         self.errors: dict[int, RequestError] = {}
+        # KServe v1 requests become a slot per instance: per request of TorchServe's batch, its slot, its
+        # instances' slots, or its answer already (segserve.v1). None: no v1 request, a slot per request.
+        self.groups: list[int | list[int] | Response] | None = None
 
     def pending(self) -> list[Plan]:
         """The planned requests not answered yet, in batch order."""
@@ -198,7 +201,9 @@ class Segmenter:
     def prepare(self, data: list[dict[str, Any]], headers: list[dict[str, Any]],
                 request_ids: list[str | None]) -> Batch:
         """A Batch of TorchServe's requests (inputs by name, request headers, request ids), planned and decoded."""
+        data, headers, request_ids, groups = self._expand_v1(data, headers, request_ids)
         batch = Batch(len(data))
+        batch.groups = groups
         for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
             is_v2 = _is_v2(inputs, request_headers)
             with self._guard(batch, index, request_id, DECODING, _responder(inputs, request_headers, is_v2)):
@@ -206,6 +211,34 @@ class Segmenter:
         if batch.jpegs:
             self._decode_jpegs(batch)
         return batch
+
+    def _expand_v1(self, data: list[dict[str, Any]], headers: list[dict[str, Any]],
+                   request_ids: list[str | None]) -> tuple[list, list, list, list | None]:
+        """KServe v1 requests (segserve.v1) as one request per instance, and per request of TorchServe's batch
+        where its answer comes from: a slot, the slots of its instances, or its error (a malformed v1 body)."""
+        if not any(v1.is_v1(inputs) for inputs in data):
+            return data, headers, request_ids, None
+        expanded, expanded_headers, expanded_ids, groups = [], [], [], []
+        for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
+            if not v1.is_v1(inputs):
+                groups.append(len(expanded))
+                expanded.append(inputs)
+                expanded_headers.append(request_headers)
+                expanded_ids.append(request_id)
+                continue
+            try:
+                instances = v1.expand(inputs, self.config.limits)
+            except RequestError as error:
+                logger.info("request %s refused: %s %s: %s", request_name(request_id, index), error.status,
+                            error.type, error.message)
+                groups.append(error_response(error))
+                continue
+            groups.append(list(range(len(expanded), len(expanded) + len(instances))))
+            expanded += instances
+            # Each instance's body is segserve's JSON body, whatever Content-Type the v1 body came with.
+            expanded_headers += [{**request_headers, "body": {"content-type": "application/json"}}] * len(instances)
+            expanded_ids += [f"{request_id or f'#{index}'}[{k}]" for k in range(len(instances))]
+        return expanded, expanded_headers, expanded_ids, groups
 
     def _prepare(self, batch: Batch, index: int, request_id: str | None, inputs: dict[str, Any],
                  headers: dict[str, Any], is_v2: bool) -> None:
@@ -321,7 +354,20 @@ class Segmenter:
         for index, response in enumerate(responses):
             if response.status >= 400:
                 self.metrics.failed(response.error_type or "unknown", response.status, index)
-        return responses
+        return responses if batch.groups is None else [self._regroup(group, responses) for group in batch.groups]
+
+    def _regroup(self, group: int | list[int] | Response, responses: list[Response]) -> Response:
+        """The answer of one of TorchServe's requests: its slot's, or its v1 instances' put together."""
+        if isinstance(group, Response):
+            return group
+        if isinstance(group, int):
+            return responses[group]
+        answers = [responses[slot] for slot in group]
+        status, body = v1.combine([(a.status, a.content_type, a.body) for a in answers], self.config.limits)
+        error_type = None
+        if status >= 400:  # the first failed instance's, else the put-together answer was too large
+            error_type = next((a.error_type for a in answers if a.status >= 400), "response_too_large")
+        return Response(status, "application/json", body, error_type=error_type)
 
     def _encode(self, plan: Plan, output: MaskSet | np.ndarray, image: Image.Image | None) -> Response:
         if isinstance(output, MaskSet):
