@@ -282,3 +282,10 @@ def test_the_safety_net_makes_a_valid_multipolygon_of_the_union():
     assert not touching.is_valid
     fixed = encoders.made_valid(touching)
     assert fixed.geom_type == "MultiPolygon" and fixed.is_valid and fixed.area == shapely.union_all(touching.geoms).area
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_polygons_of_small_random_masks_are_valid_and_exact(seed):
+    rng = np.random.default_rng(seed)
+    binary = rng.random((int(rng.integers(1, 14)), int(rng.integers(1, 14)))) < rng.uniform(0.2, 0.8)
+    check_geometry(polygons(binary), binary)
