@@ -204,6 +204,7 @@ class Segmenter:
         data, headers, request_ids, groups = self._expand_v1(data, headers, request_ids)
         batch = Batch(len(data))
         batch.groups = groups
+        self.metrics.slots = None if groups is None else _slots(groups, len(data))
         for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
             is_v2 = _is_v2(inputs, request_headers)
             with self._guard(batch, index, request_id, DECODING, _responder(inputs, request_headers, is_v2)):
@@ -384,6 +385,7 @@ class Segmenter:
 
         `tile` as the request option: auto, on or off. Raises the first image's error, if any."""
         batch = Batch(len(images))
+        self.metrics.slots = None
         for index, image in enumerate(images):
             plan = self.planner.for_image(index, image, tile)
             batch.plans[index] = plan
@@ -427,6 +429,15 @@ def _answer(error: RequestError, respond: Callable[[RequestError], Response]) ->
         return respond(error)
     except Exception:  # noqa: BLE001 - e.g. a v2 body too broken to name its id: still this request's own answer
         return error_response(error)
+
+
+def _slots(groups: list[int | list[int] | Response], size: int) -> list[int]:
+    """Per slot of an expanded batch, the index of the request of TorchServe's batch it answers (for metrics)."""
+    slots = [0] * size
+    for request, group in enumerate(groups):
+        for slot in [group] if isinstance(group, int) else group if isinstance(group, list) else []:
+            slots[slot] = request
+    return slots
 
 
 def request_name(request_id: str | None, index: int) -> str:
