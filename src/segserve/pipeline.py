@@ -295,10 +295,14 @@ class Segmenter:
         """Every pending request gets its output: resized ones from one forward pass, tiled ones one by one."""
         plans = batch.pending()
         resized = [plan for plan in plans if not plan.tiled]
-        if resized:
+        # A pass per TorchServe batch; with v1 instances (a slot each) no larger than that batch or a tiled
+        # pass (tiling.batch windows), so 16 instances cost the memory of a few requests, not of 16.
+        step = len(resized) if batch.groups is None else max(len(batch.groups), self.config.tiling.batch)
+        for start in range(0, len(resized), max(step, 1)):
+            part = resized[start:start + step]
             with self.metrics.time("forward"):
-                logits = self._forward_batch(batch, resized)
-                for plan, row in zip(resized, logits, strict=True):
+                logits = self._forward_batch(batch, part)
+                for plan, row in zip(part, logits, strict=True):
                     with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)):
                         batch.outputs[plan.index] = self._output_from_logits(plan, row)
         for plan in plans:
