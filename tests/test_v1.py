@@ -82,6 +82,7 @@ def test_a_v1_body_sent_without_a_json_content_type_is_still_v1(handler):
     ({"instances": [{"image_bytes": {"b64": "x", "size": 3}}]}, 400, "bad_request", "image_bytes takes only b64"),
     ({"instances": [{"b64": ""}]}, 400, "bad_request", "instances[0]: the image must be a non-empty base64"),
     ({"instances": [{"b64": "x"}], "image": "x"}, 400, "bad_request", 'in "instances" only'),
+    ({"instances": [{"b64": "x"}], "inputs": []}, 400, "bad_request", 'in "instances" only'),
     ({"instances": [{"b64": "x"}] * (Limits.max_v1_instances + 1)}, 413, "limit_exceeded", "max_v1_instances"),
 ])
 def test_malformed_v1_bodies_are_refused_saying_how_to_send_them(handler, body, status, kind, says):

@@ -66,8 +66,9 @@ def expand(inputs: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
         raise LimitExceeded(f"the request has {len(instances)} instances; the limit is {limits.max_v1_instances} "
                             "(max_v1_instances): send them in several requests")
     options = {k: v for k, v in doc.items() if k != "instances"}
-    if "image" in options or "data" in options:
-        raise BadRequest('a v1 request carries its images in "instances" only: drop the body\'s "image"/"data"')
+    if {"image", "data", "inputs"} & set(options):
+        raise BadRequest('a v1 request carries its images in "instances" only: drop the body\'s "image", "data" '
+                         'or "inputs" (v2\'s inputs go in a request of their own)')
     return [{"body": {"image": _image(instance, index), **options}} for index, instance in enumerate(instances)]
 
 
@@ -82,8 +83,8 @@ def combine(answers: list[tuple[int, str, bytes]], limits: Limits) -> tuple[int,
     """(status, body) of the v1 answer from each instance's (status, content type, body), in order."""
     for index, (status, _, body) in enumerate(answers):
         if status >= 400:
-            error = json.loads(body)
-            return status, json.dumps({**error, "message": f"instances[{index}]: {error['message']}"}).encode()
+            error = json.loads(body)  # segserve's own error body: {"code", "type", "message"}
+            return status, json.dumps({**error, "message": f"instances[{index}]: {error.get('message', '')}"}).encode()
     combined = json.dumps({"predictions": [prediction(ct, body) for _, ct, body in answers]},
                           separators=(",", ":")).encode()
     if len(combined) > limits.max_response_bytes:
