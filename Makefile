@@ -60,7 +60,7 @@ mar: $(STAMP)
 	@if [ -n "$(MAR_ARGS)" ]; then ./build_mar.sh $(MAR_ARGS); else $(MAKE) --no-print-directory $(MAR); fi
 
 $(MAR): $(STAMP) $(WEIGHTS) model/model-config.yaml build_mar.sh handler/segmenter_handler.py $(wildcard src/segserve/*.py)
-	./build_mar.sh --export-path model-store
+	./build_mar.sh --export-path model-store --force  # make found the archive out of date: rebuilt in place
 
 serve: $(MAR)
 	$(PY) -m segserve.tools.server start

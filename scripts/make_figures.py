@@ -109,13 +109,15 @@ def format_pictures(image: Image.Image, out: Path) -> None:
 
     polygons = Image.blend(grey, Image.new("RGB", grey.size, (255, 255, 255)), 0.6)
     draw = ImageDraw.Draw(polygons)
-    for entry in json.loads(answer("polygons", min_area="20"))["classes"]:
-        if entry["id"] == 0:
+    for feature in json.loads(answer("polygons", min_area="20"))["features"]:
+        class_id = feature["properties"]["class_id"]
+        if class_id == 0:
             continue
-        for shape in _shapes(entry):
+        for shape in _shapes(feature):
             for ring_index, ring in enumerate(shape):
-                points = [tuple(p) for p in ring]
-                draw.line(points, fill=colors[entry["id"]] if ring_index == 0 else (230, 0, 70), width=2)
+                # vertices are pixel edges: drawn half a pixel up-left so they sit on the pixels' corners
+                points = [(x - 0.5, y - 0.5) for x, y in ring]
+                draw.line(points, fill=colors[class_id] if ring_index == 0 else (230, 0, 70), width=2)
                 for point in points[:-1]:
                     draw.point(point, fill=(20, 20, 20))
     pictures["polygons"] = polygons

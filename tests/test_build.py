@@ -11,7 +11,7 @@ from support import REPO
 
 from segserve.config import ServingConfig
 from segserve.families import build_model
-from segserve.tools.build import BuildError, build, check_model
+from segserve.tools.build import ARCHIVER_ONLY_FLAGS, BuildError, build, check_model, main
 
 SMALL = {"base_channels": 4, "depth": 2}
 
@@ -78,3 +78,37 @@ def test_build_mar_sh_missing_input_exits_nonzero_with_message(tmp_path):
     assert result.returncode == 2
     assert "weights not found" in result.stderr and "none.safetensors" in result.stderr
     assert not (tmp_path / "store" / "segmenter.mar").exists()
+
+
+def test_build_mar_sh_refuses_to_overwrite_an_archive_without_force(small_model_dir, tmp_path, capsys):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "cells.mar").write_bytes(b"an archive built earlier")
+    common = ["--config", str(small_model_dir / "model-config.yaml"),
+              "--weights", str(small_model_dir / "segmenter.safetensors"), "--export-path", str(store)]
+    assert main(["--name", "cells", *common]) == 2
+    error = capsys.readouterr().err
+    assert "cells.mar exists" in error and "-f/--force" in error
+    assert (store / "cells.mar").read_bytes() == b"an archive built earlier"
+    assert main(["--name", "cells", "--force", *common]) == 0
+    assert "model-config.yaml" in zipfile.ZipFile(store / "cells.mar").namelist()
+
+
+def test_build_mar_sh_takes_the_archivers_flag_names(small_model_dir, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "roads.mar").write_bytes(b"old")
+    assert main(["--model-name", "roads", "--serialized-file", str(small_model_dir / "segmenter.safetensors"),
+                 "--config-file", str(small_model_dir / "model-config.yaml"), "--export-path", str(store),
+                 "--version", "2.0", "-f"]) == 0
+    doc = yaml.safe_load(zipfile.ZipFile(store / "roads.mar").read("model-config.yaml"))
+    assert (doc["handler"]["model"]["name"], doc["handler"]["model"]["version"]) == ("roads", "2.0")
+
+
+@pytest.mark.parametrize("flag", list(ARCHIVER_ONLY_FLAGS))
+def test_archiver_flags_without_an_equivalent_are_refused_naming_ours(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([flag, "x"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{flag} is torch-model-archiver's" in error and ARCHIVER_ONLY_FLAGS[flag] in error

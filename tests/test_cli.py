@@ -277,3 +277,89 @@ def test_predict_a_folder_and_list_the_models_against_torchserve(server, tmp_pat
     assert main(["models", *keys]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert any(line.split()[:2] == ["segmenter", "1.0"] and "background,cell,nucleus" in line for line in listed)
+
+
+def _scene_folder(root: Path) -> Path:
+    for i, name in enumerate(("one.png", "sub/two.png", "three.png")):
+        (root / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generate_scene(310 + i, (64, 80))[0]).save(root / "in" / name)
+    return root / "in"
+
+
+def _served_masks(server, folder: Path) -> dict[str, np.ndarray]:
+    from segserve.client import SegservClient
+
+    client = SegservClient(server.inference_url, key_file=server.workdir / "key_file.json")
+    return {p.relative_to(folder).as_posix(): client.predict(p, format="png").mask()
+            for p in sorted(folder.rglob("*.png"))}
+
+
+def read_cvat_masks(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """A CVAT "Segmentation mask 1.1" folder read back as CVAT's importer (datumaro's VOC segmentation reader)
+    does: labelmap.txt's `name:r,g,b:parts:actions` lines (blank and `#` lines skipped) give the labels in order,
+    each SegmentationClass/<name>.png is read as RGB and every pixel's colour becomes the index of the label of
+    that colour; ImageSets/Segmentation/default.txt lists the items."""
+    labels = []
+    for line in (folder / "labelmap.txt").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, color, *_ = line.split(":")
+        labels.append((name, tuple(int(c) for c in color.split(","))))
+    assert len({color for _, color in labels}) == len(labels), "a colour names two labels"
+    masks = {}
+    for item in (folder / "ImageSets" / "Segmentation" / "default.txt").read_text().split():
+        rgb = np.asarray(Image.open(folder / "SegmentationClass" / f"{item}.png").convert("RGB"))
+        index = np.full(rgb.shape[:2], -1)
+        for label, (_, color) in enumerate(labels):
+            index[(rgb == color).all(-1)] = label
+        assert (index >= 0).all(), f"{item}: a colour no label has"
+        masks[item] = index
+    return [name for name, _ in labels], masks
+
+
+@pytest.mark.integration
+def test_predict_writes_a_coco_dataset_that_pycocotools_loads(server, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    folder = _scene_folder(tmp_path)
+    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    dataset, answers = tmp_path / "cells.json", tmp_path / "answers"
+    assert main(["predict", str(folder), "--coco", str(dataset), "--out", str(answers), *keys]) == 0
+    assert "wrote COCO dataset" in capsys.readouterr().out
+    served = _served_masks(server, folder)
+    coco = COCO(str(dataset))
+    assert sorted(image["file_name"] for image in coco.dataset["images"]) == sorted(served)
+    assert {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())} == {1: "cell", 2: "nucleus"}
+    ids = [a["id"] for a in coco.dataset["annotations"]]
+    assert len(ids) == len(set(ids))
+    for image in coco.dataset["images"]:
+        mask = served[image["file_name"]]
+        assert (image["height"], image["width"]) == mask.shape
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        assert sorted(a["category_id"] for a in annotations) == [c for c in (1, 2) if (mask == c).any()]
+        for annotation in annotations:
+            assert np.array_equal(coco.annToMask(annotation).astype(bool), mask == annotation["category_id"])
+            assert annotation["area"] == (mask == annotation["category_id"]).sum() and annotation["iscrowd"] == 1
+    # Resumable: an answer lost is asked again, the others are read back from --out; the same dataset.
+    before = json.loads(dataset.read_text())
+    (answers / "sub" / "two.json").unlink()
+    assert main(["predict", str(folder), "--coco", str(dataset), "--out", str(answers), *keys]) == 0
+    assert "1 of 1 segmented" in capsys.readouterr().out
+    assert json.loads(dataset.read_text()) == before
+
+
+@pytest.mark.integration
+def test_predict_writes_a_cvat_segmentation_mask_export_that_reads_back(server, tmp_path, capsys):
+    folder = _scene_folder(tmp_path)
+    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    export = tmp_path / "cvat"
+    assert main(["predict", str(folder), "--cvat", str(export), *keys]) == 0
+    labels, masks = read_cvat_masks(export)
+    assert labels == ["background", "cell", "nucleus"]  # in class id order: label index = class id
+    served = _served_masks(server, folder)
+    assert sorted(masks) == sorted(name.removesuffix(".png") for name in served)
+    for name, mask in served.items():
+        assert np.array_equal(masks[name.removesuffix(".png")], mask)
+    assert main(["predict", str(folder), "--cvat", str(export), "--format", "png", *keys]) == 2
+    assert "--cvat is built from format=json answers" in capsys.readouterr().err

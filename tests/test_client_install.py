@@ -21,7 +21,7 @@ CLIENT = REPO / "src" / "segserve" / "client"
 # The base install's dependencies, by import name (requests, numpy, pillow, tqdm).
 CLIENT_DEPENDENCIES = {"requests", "numpy", "PIL", "tqdm"}
 SERVER_ONLY = {"torch", "torchvision", "torchserve", "torch-model-archiver", "pyyaml", "safetensors", "pycocotools",
-               "opencv-python-headless"}
+               "opencv-python-headless", "shapely"}
 
 
 def test_the_client_imports_only_itself_the_standard_library_and_its_dependencies():
@@ -79,7 +79,8 @@ def test_segserve_help_and_the_client_import_run_there(client_venv):
                               timeout=120)
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert imported.stdout.split() == ["['segserve',", "'segserve.client',", "'segserve.client.aio',",
-                                       "'segserve.client.api',", "'segserve.client.cli',", "'segserve.client.errors']"]
+                                       "'segserve.client.api',", "'segserve.client.cli',", "'segserve.client.errors',",
+                                       "'segserve.client.exports']"]
 
 
 def test_the_page_is_installed_with_the_client(client_venv):

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+import shapely.geometry
 from PIL import Image
 from pycocotools import mask as coco_mask
 from support import MODEL, encode_image, jpeg
@@ -98,8 +99,11 @@ def test_rle_round_trip_and_polygons_through_the_server(server, expected):
         decoded = coco_mask.decode({"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()})
         assert np.array_equal(decoded.astype(bool), expected == entry["id"])
     polys = post(server, files={"data": ("a.png", png)}, data={"format": "polygons", "classes": "nucleus"}).json()
-    assert [e["name"] for e in polys["classes"]] == ["nucleus"]
-    assert polys["classes"][0]["geometry"]["coordinates"]
+    assert polys["type"] == "FeatureCollection"
+    (nucleus,) = polys["features"]
+    assert nucleus["properties"]["class"] == "nucleus" and nucleus["geometry"]["type"] == "MultiPolygon"
+    geometry = shapely.geometry.shape(nucleus["geometry"])
+    assert geometry.is_valid and geometry.area == nucleus["properties"]["area"] == (expected == 2).sum()
 
 
 def test_overlay_and_probs_through_the_server(server, expected):

@@ -3,16 +3,19 @@ and the format registry itself."""
 
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+import shapely
+import shapely.geometry
+from PIL import Image
 from pycocotools import mask as coco_mask
 from support import REPO, encode_image, random_image
 from support.handlers import ask as ask_handler
 from support.handlers import model_yaml
 
-from segserve import formats
+from segserve import encoders, formats
 from segserve.encoders import polygons
 from segserve.masks import remove_small_regions
 from segserve.options import Options
@@ -31,16 +34,54 @@ def served_mask(handler, image):
     return np.asarray(Image.open(io.BytesIO(ask(handler, image, format="png").body)))
 
 
-def rasterize(shapes, size):
-    canvas = Image.new("L", (size[1], size[0]), 0)
-    draw = ImageDraw.Draw(canvas)
-    for exterior, *holes in shapes:
-        draw.polygon([tuple(p) for p in exterior], fill=1, outline=1)
-        for hole in holes:
-            draw.polygon([tuple(p) for p in hole], fill=0, outline=1)
-    return np.asarray(canvas, dtype=bool)
+def rasterize(coordinates, size) -> np.ndarray:
+    """A MultiPolygon's coordinates back to pixels: a pixel is in when its centre is (vertices are pixel edges)."""
+    geometry = shapely.geometry.shape({"type": "MultiPolygon", "coordinates": coordinates})
+    ys, xs = np.indices(size)
+    return shapely.contains_xy(geometry, xs + 0.5, ys + 0.5)
 
 
+def check_geometry(coordinates, binary: np.ndarray) -> None:
+    """Valid by shapely, closed rings, area = the pixels, and rasterizing back gives exactly the mask."""
+    geometry = shapely.geometry.shape({"type": "MultiPolygon", "coordinates": coordinates})
+    assert geometry.is_valid, shapely.is_valid_reason(geometry)
+    for shape in coordinates:
+        assert all(ring[0] == ring[-1] and len(ring) >= 4 for ring in shape)
+    assert geometry.area == binary.sum()
+    assert binary_iou(rasterize(coordinates, binary.shape), binary) >= 0.98
+    assert np.array_equal(rasterize(coordinates, binary.shape), binary)
+
+
+def adversarial_masks() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    masks = {"checkerboard": np.indices((40, 40)).sum(0) % 2 == 1,
+             "checkerboard, other phase": np.indices((41, 37)).sum(0) % 2 == 0,
+             "noise": rng.random((80, 80)) > 0.5, "sparse noise": rng.random((80, 80)) > 0.8,
+             "dense noise": rng.random((80, 80)) > 0.2,
+             "full image": np.ones((12, 9), bool), "one pixel image": np.ones((1, 1), bool),
+             "empty": np.zeros((10, 10), bool)}
+    dots = np.zeros((20, 20), bool)
+    dots[0, 0] = dots[5, 5] = dots[19, 19] = dots[0, 19] = dots[10, 3] = True
+    masks["1-pixel regions, corners of the image"] = dots
+    diagonal = np.zeros((10, 10), bool)
+    diagonal[2, 2] = diagonal[3, 3] = diagonal[4, 4] = diagonal[4, 6] = diagonal[5, 5] = True
+    masks["diagonal-touching pixels"] = diagonal
+    border = np.ones((20, 20), bool)
+    border[0:3, 5:8] = border[10, 0] = border[19, 19] = border[7:12, 15:20] = False
+    masks["holes touching the border"] = border
+    holes = np.ones((11, 11), bool)
+    holes[3, 3] = holes[4, 4] = holes[5, 5] = holes[4, 6] = holes[6, 4] = False
+    masks["holes touching at corners"] = holes
+    island = np.zeros((9, 9), bool)
+    island[1:8, 1:8] = True
+    island[2:7, 2:7] = False
+    island[3, 3] = island[4, 4] = island[5, 5] = True  # a diagonal of islands, the first touching the ring
+    masks["islands in a hole, touching it at a corner"] = island
+    lines = np.zeros((15, 15), bool)
+    lines[::2] = True
+    lines[:, 7] = True
+    masks["1-pixel lines"] = lines
+    return masks
 
 
 def test_json_has_bbox_per_class(handler):
@@ -64,22 +105,63 @@ def test_rle_decodes_to_exactly_the_served_mask(handler):
             assert np.array_equal(coco_mask.decode(rle).astype(bool), mask == entry["id"])
 
 
-def test_polygons_rasterize_back_to_the_mask(handler):
-    scores = []
+def test_polygons_are_a_geojson_feature_collection_that_rasterizes_back(handler):
+    scores = 0
     for seed in range(8):
         image, _ = generate_scene(60 + seed, (256, 256))
         mask = served_mask(handler, image)
         body = json.loads(ask(handler, image, format="polygons").body)
-        for entry in body["classes"]:
-            if entry["pixels"] == 0:
-                continue
-            assert entry["geometry"]["type"] == "MultiPolygon"
-            for shape in entry["geometry"]["coordinates"]:
-                assert all(ring[0] == ring[-1] for ring in shape)
-            score = binary_iou(rasterize(entry["geometry"]["coordinates"], mask.shape), mask == entry["id"])
-            assert score >= 0.98, (seed, entry["name"], score)
-            scores.append(score)
-    assert len(scores) >= 16
+        assert body["type"] == "FeatureCollection" and (body["width"], body["height"]) == (256, 256)
+        assert [f["properties"]["class"] for f in body["features"]] == ["background", "cell", "nucleus"]
+        for feature in body["features"]:
+            properties = feature["properties"]
+            assert feature["type"] == "Feature" and feature["geometry"]["type"] == "MultiPolygon"
+            binary = mask == properties["class_id"]
+            assert properties["area"] == binary.sum()
+            check_geometry(feature["geometry"]["coordinates"], binary)
+            if binary.any():
+                x, y, w, h = encoders.bbox(binary)
+                assert feature["bbox"] == [x, y, x + w, y + h]
+                scores += 1
+    assert scores >= 16
+
+
+def test_the_client_reads_the_areas_of_a_polygons_answer(handler):
+    from segserve.client import Prediction
+
+    image, _ = generate_scene(69, (128, 160))
+    mask = served_mask(handler, image)
+    answer = Prediction(200, "application/json", ask(handler, image, format="polygons").body)
+    assert answer.format == "polygons"
+    assert answer.areas() == {c: (name, int((mask == c).sum())) for c, name in enumerate(("background", "cell",
+                                                                                        "nucleus"))}
+
+
+@pytest.mark.parametrize("name", list(adversarial_masks()))
+def test_polygons_of_adversarial_masks_are_valid_and_exact(name):
+    binary = adversarial_masks()[name]
+    coordinates = polygons(binary)
+    assert (coordinates == []) == (not binary.any())
+    check_geometry(coordinates, binary)
+
+
+def test_polygons_split_pixels_that_meet_only_at_a_corner():
+    binary = np.zeros((4, 4), bool)
+    binary[1, 1] = binary[2, 2] = True
+    assert sorted(polygons(binary)) == [[[[1, 1], [2, 1], [2, 2], [1, 2], [1, 1]]],
+                                        [[[2, 2], [3, 2], [3, 3], [2, 3], [2, 2]]]]
+
+
+def test_polygons_of_the_served_mask_of_bench_photos_are_valid(handler):
+    sys.path.insert(0, str(REPO))
+    from bench.photos import photo
+
+    for seed in range(2):
+        image = np.asarray(photo(seed, (320, 240)))
+        mask = served_mask(handler, image)
+        body = json.loads(ask(handler, image, format="polygons").body)
+        for feature in body["features"]:
+            check_geometry(feature["geometry"]["coordinates"], mask == feature["properties"]["class_id"])
 
 
 def test_polygon_holes():
@@ -88,7 +170,7 @@ def test_polygon_holes():
     ring[7:13, 7:13] = False
     (shape,) = polygons(ring)
     assert len(shape) == 2  # exterior + one hole
-    assert binary_iou(rasterize([shape], ring.shape), ring) >= 0.98
+    check_geometry([shape], ring)
 
 
 def test_min_area_drops_small_regions_only():
@@ -105,7 +187,7 @@ def test_rle_and_polygons_honour_classes_and_min_area(handler):
     assert [e["name"] for e in body["classes"]] == ["nucleus"]
     assert body["classes"][0]["pixels"] == 0
     body = json.loads(ask(handler, image, format="polygons", classes="cell").body)
-    assert [e["name"] for e in body["classes"]] == ["cell"]
+    assert [f["properties"]["class"] for f in body["features"]] == ["cell"]
 
 
 def test_png_with_class_subset_zeroes_the_others(handler):
@@ -197,3 +279,18 @@ def test_a_new_format_is_one_registry_entry(handler, monkeypatch):
         reply = ask_handler(handler, inputs, headers)
         assert (reply.status, reply.content_type) == (200, "text/csv")
         assert reply.body.decode() == ",".join(str(int((mask == c).sum())) for c in range(3))
+
+
+def test_the_safety_net_makes_a_valid_multipolygon_of_the_union():
+    # Two squares sharing an edge and one overlapping them: make_valid may answer a Polygon or a collection.
+    touching = shapely.MultiPolygon([shapely.box(0, 0, 2, 2), shapely.box(2, 0, 4, 2), shapely.box(1, 1, 3, 3)])
+    assert not touching.is_valid
+    fixed = encoders.made_valid(touching)
+    assert fixed.geom_type == "MultiPolygon" and fixed.is_valid and fixed.area == shapely.union_all(touching.geoms).area
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_polygons_of_small_random_masks_are_valid_and_exact(seed):
+    rng = np.random.default_rng(seed)
+    binary = rng.random((int(rng.integers(1, 14)), int(rng.integers(1, 14)))) < rng.uniform(0.2, 0.8)
+    check_geometry(polygons(binary), binary)

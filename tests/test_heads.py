@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import shapely.geometry
 import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
@@ -148,7 +149,10 @@ def test_multilabel_instances_and_polygons_keep_each_class(multilabel):
     body = json.loads(ask(multilabel, {"body": encode_image(red_blue()), "format": b"instances"}).body)
     assert [(i["class"], i["area"]) for i in body["instances"]] == [("red", 20 * 40), ("blue", 20 * 40)]
     polygons = json.loads(ask(multilabel, {"body": encode_image(red_blue()), "format": b"polygons"}).body)
-    assert [len(c["geometry"]["coordinates"]) for c in polygons["classes"]] == [0, 1, 1]
+    assert [len(f["geometry"]["coordinates"]) for f in polygons["features"]] == [0, 1, 1]
+    red, blue = (shapely.geometry.shape(f["geometry"]) for f in polygons["features"][1:])
+    assert red.is_valid and blue.is_valid and red.area == blue.area == 20 * 40
+    assert red.intersection(blue).area == 20 * 20  # the purple third is in both
 
 
 # -- softmax threshold ------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ TorchServe runtime starts it."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -14,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -175,7 +178,7 @@ def test_layout_has_what_kserve_reads(tmp_path, model_store):
 
 
 @pytest.mark.integration
-def test_torchserve_started_like_kserve_runtime_serves_v2_batches(tmp_path, model_store, reference):
+def test_torchserve_started_like_kserve_runtime_serves_v2_batches_and_v1(tmp_path, model_store, reference):
     layout = tmp_path / "mnt" / "models"
     config = kserve_layout(layout, [model_store / f"{MODEL}.mar"], REPO / "config.properties")
     ports = free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management")
@@ -220,6 +223,13 @@ def test_torchserve_started_like_kserve_runtime_serves_v2_batches(tmp_path, mode
             assert (parse(response.content, response.headers).as_numpy("mask") == mask).all()
         log = (workdir / "logs" / "model_log.log").read_text(errors="replace")
         assert max(int(n) for n in re.findall(r"segserve batch: (\d+) requests", log)) > 1
+        # The v1 the runtime also lists: instances in, one prediction per instance out.
+        instances = [{"b64": base64.b64encode(encode_image(Image.fromarray(im))).decode()} for im in images[:2]]
+        v1 = requests.post(f"{url}/v1/models/{MODEL}:predict", json={"instances": instances, "format": "png"},
+                           timeout=120)
+        assert v1.status_code == 200, v1.text[:300]
+        for prediction, mask in zip(v1.json()["predictions"], expected[:2], strict=True):
+            assert (np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["b64"])))) == mask).all()
     finally:
         subprocess.run([torchserve, "--stop"], cwd=workdir, env=env, timeout=60, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)

@@ -61,7 +61,7 @@ def test_every_format_tiled(server, reference):
     assert np.array_equal(decoded.astype(bool), mask == 2)
 
     polygons = ask(server, body, format="polygons", classes="cell", tile="on")
-    assert polygons.status_code == 200 and polygons.json()["classes"][0]["geometry"]["coordinates"]
+    assert polygons.status_code == 200 and polygons.json()["features"][0]["geometry"]["coordinates"]
 
     overlay = ask(server, body, format="overlay", tile="on")
     assert overlay.headers["content-type"] == "image/jpeg"

@@ -227,7 +227,7 @@ def test_polygon_vertices_are_counted_before_they_become_lists(config):
     limited = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_polygon_vertices=100))
     with pytest.raises(LimitExceeded, match="vertices.*max_polygon_vertices"):
         encoders.polygons_response(mask, limited)
-    assert json.loads(encoders.polygons_response(mask, config))["classes"][1]["pixels"] == 45 * 180
+    assert json.loads(encoders.polygons_response(mask, config))["features"][1]["properties"]["area"] == 45 * 180
 
 
 @pytest.mark.parametrize("name", list(formats.REGISTRY))

@@ -48,6 +48,34 @@ def test_pipeline_records_stages_images_pixels_and_errors(tmp_path):
     assert {m.index for m in metrics.named(ERRORS)} == {1, 3}
 
 
+def test_the_instances_of_a_v1_request_are_counted_under_its_own_slot(tmp_path):
+    import base64
+
+    served = stand_in_handler(tmp_path)
+    metrics = served.context.metrics
+    image = base64.b64encode(encode_image(random_image(12, 10))).decode()
+    json_body = {"body": {"content-type": "application/json"}}
+    replies = handle(served, [Request({"body": {"instances": [{"b64": image}] * 3}}, json_body),
+                              Request({"body": encode_image(random_image(7, 5))}),
+                              Request({"body": {"instances": [{"b64": image}, {"b64": "broken"}]}}, json_body)])
+    assert [r.status for r in replies] == [200, 200, 400]
+    assert Counter(m.index for m in metrics.named(IMAGES)) == {0: 3, 1: 1, 2: 1}
+    assert {m.index for m in metrics.named(ERRORS)} == {2}
+
+
+def test_the_instances_of_a_v1_request_go_through_forward_passes_of_bounded_size(tmp_path):
+    import base64
+
+    served = stand_in_handler(tmp_path)
+    metrics = served.context.metrics
+    image = base64.b64encode(encode_image(random_image(12, 10))).decode()
+    (reply,) = handle(served, [Request({"body": {"instances": [{"b64": image}] * 9}},
+                                       {"body": {"content-type": "application/json"}})])
+    assert reply.status == 200
+    per_pass = served.segmenter.config.tiling.batch  # 4: alone in its batch, a v1 request gets tiling.batch a pass
+    assert len(metrics.named(STAGE_SECONDS, stage="forward")) == -(-9 // per_pass)
+
+
 def test_a_broken_sink_never_fails_a_request(tmp_path, caplog):
     class Broken(RecordedMetrics):
         def add_metric(self, *args, **kwargs):

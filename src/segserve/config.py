@@ -76,6 +76,8 @@ class Limits:
     max_option_bytes: int = 1_000
     # Frames of one multi-frame DICOM or slices of one NIfTI volume (each is a model input), read from the header.
     max_frames: int = 512
+    # Images of one KServe v1 request ({"instances": [...]}), each segmented as a request of its own in the batch.
+    max_v1_instances: int = 16
 
 
 @dataclass(frozen=True)

@@ -160,9 +160,10 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
     Format("polygons", "application/json", (), _polygons,
            # at most a closed ring of two "[x,y]," points per pixel of a class, plus the ring's brackets
            lambda w, h, k: _summary_bytes(k) + k * w * h * (2 * (2 * len(str(max(w, h))) + 4) + 8),
-           # per class: its pixels, the labels counting its rings (int32, two passes), OpenCV's copy; and the
-           # vertices as Python lists (~200 bytes each), at most max_polygon_vertices of them
-           working_bytes=lambda k: 14,
+           # per class: its pixels, the labels counting its rings (int32, two passes) and the 4-connected
+           # regions' (int32), a region's 2x copy and OpenCV's; and the vertices as Python lists and shapely
+           # geometries (~200 bytes each), at most max_polygon_vertices of them
+           working_bytes=lambda k: 18,
            working_extra=lambda pixels, limits: 200 * min(limits.max_polygon_vertices, 4 * pixels),
            too_large_hint="use format=rle or png, or min_area=... to drop small regions"),
     Format("coco", "application/json", (), _coco,

@@ -44,10 +44,15 @@ class Metrics:
     def __init__(self, sink: Sink | None = None):
         self.sink = sink
         self._warned = False
+        # Per slot of the batch being served, the index of its request in TorchServe's batch, where they differ
+        # (a KServe v1 request is a slot per instance: segserve.pipeline); None: the same.
+        self.slots: list[int] | None = None
 
     def _emit(self, name: str, value: float, kind: str, labels: dict[str, str], index: int | None = None) -> None:
         if self.sink is None:
             return
+        if index is not None and self.slots is not None:
+            index = self.slots[index]
         try:
             self.sink(name, value, kind, labels, index)
         except Exception:  # metrics are a side channel: a broken one must not cost an answer

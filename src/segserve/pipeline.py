@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import decode, formats, heads, tiling, v2
+from . import decode, formats, heads, tiling, v1, v2
 from .config import ServingConfig
 from .decode import ImageFile
 from .errors import InternalError, RequestError, truncated
@@ -90,6 +90,9 @@ class Batch:
         self.outputs: dict[int, np.ndarray] = {}
         self.answers: dict[int, Response] = {}
         self.errors: dict[int, RequestError] = {}
+        # KServe v1 requests become a slot per instance: per request of TorchServe's batch, its slot, its
+        # instances' slots, or its answer already (segserve.v1). None: no v1 request, a slot per request.
+        self.groups: list[int | list[int] | Response] | None = None
 
     def pending(self) -> list[Plan]:
         """The planned requests not answered yet, in batch order."""
@@ -210,7 +213,10 @@ class Segmenter:
     def prepare(self, data: list[dict[str, Any]], headers: list[dict[str, Any]],
                 request_ids: list[str | None]) -> Batch:
         """A Batch of TorchServe's requests (inputs by name, request headers, request ids), planned and decoded."""
+        data, headers, request_ids, groups = self._expand_v1(data, headers, request_ids)
         batch = Batch(len(data))
+        batch.groups = groups
+        self.metrics.slots = None if groups is None else _slots(groups, len(data))
         for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
             is_v2 = _is_v2(inputs, request_headers)
             with self._guard(batch, index, request_id, DECODING, _responder(inputs, request_headers, is_v2)):
@@ -218,6 +224,34 @@ class Segmenter:
         if batch.jpegs:
             self._decode_jpegs(batch)
         return batch
+
+    def _expand_v1(self, data: list[dict[str, Any]], headers: list[dict[str, Any]],
+                   request_ids: list[str | None]) -> tuple[list, list, list, list | None]:
+        """KServe v1 requests (segserve.v1) as one request per instance, and per request of TorchServe's batch
+        where its answer comes from: a slot, the slots of its instances, or its error (a malformed v1 body)."""
+        if not any(v1.is_v1(inputs) for inputs in data):
+            return data, headers, request_ids, None
+        expanded, expanded_headers, expanded_ids, groups = [], [], [], []
+        for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
+            if not v1.is_v1(inputs):
+                groups.append(len(expanded))
+                expanded.append(inputs)
+                expanded_headers.append(request_headers)
+                expanded_ids.append(request_id)
+                continue
+            try:
+                instances = v1.expand(inputs, self.config.limits)
+            except RequestError as error:
+                logger.info("request %s refused: %s %s: %s", request_name(request_id, index), error.status,
+                            error.type, error.message)
+                groups.append(error_response(error))
+                continue
+            groups.append(list(range(len(expanded), len(expanded) + len(instances))))
+            expanded += instances
+            # Each instance's body is segserve's JSON body, whatever Content-Type the v1 body came with.
+            expanded_headers += [{**request_headers, "body": {"content-type": "application/json"}}] * len(instances)
+            expanded_ids += [f"{request_id or f'#{index}'}[{k}]" for k in range(len(instances))]
+        return expanded, expanded_headers, expanded_ids, groups
 
     def _prepare(self, batch: Batch, index: int, request_id: str | None, inputs: dict[str, Any],
                  headers: dict[str, Any], is_v2: bool) -> None:
@@ -293,10 +327,14 @@ class Segmenter:
         """Every pending request gets its output: resized ones from one forward pass, tiled ones one by one."""
         plans = batch.pending()
         resized = [plan for plan in plans if not plan.tiled]
-        if resized:
+        # A pass per TorchServe batch; with v1 instances (a slot each) no larger than that batch or a tiled
+        # pass (tiling.batch windows), so 16 instances cost the memory of a few requests, not of 16.
+        step = len(resized) if batch.groups is None else max(len(batch.groups), self.config.tiling.batch)
+        for start in range(0, len(resized), max(step, 1)):
+            part = resized[start:start + step]
             with self.metrics.time("forward"):
-                logits = self._forward_batch(batch, resized)
-                for plan, rows in zip(resized, logits, strict=True):
+                logits = self._forward_batch(batch, part)
+                for plan, rows in zip(part, logits, strict=True):
                     with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)):
                         outputs = [self._output_from_logits(plan, row) for row in rows]
                         batch.outputs[plan.index] = outputs if plan.frames > 1 else outputs[0]
@@ -373,7 +411,20 @@ class Segmenter:
         for index, response in enumerate(responses):
             if response.status >= 400:
                 self.metrics.failed(response.error_type or "unknown", response.status, index)
-        return responses
+        return responses if batch.groups is None else [self._regroup(group, responses) for group in batch.groups]
+
+    def _regroup(self, group: int | list[int] | Response, responses: list[Response]) -> Response:
+        """The answer of one of TorchServe's requests: its slot's, or its v1 instances' put together."""
+        if isinstance(group, Response):
+            return group
+        if isinstance(group, int):
+            return responses[group]
+        answers = [responses[slot] for slot in group]
+        status, body = v1.combine([(a.status, a.content_type, a.body) for a in answers], self.config.limits)
+        error_type = None
+        if status >= 400:  # the first failed instance's, else the put-together answer was too large
+            error_type = next((a.error_type for a in answers if a.status >= 400), "response_too_large")
+        return Response(status, "application/json", body, error_type=error_type)
 
     def _encode(self, plan: Plan, output: MaskSet | np.ndarray | list, image: Image.Image | None,
                 source: Any = None) -> Response:
@@ -394,6 +445,7 @@ class Segmenter:
 
         `tile` as the request option: auto, on or off. Raises the first image's error, if any."""
         batch = Batch(len(images))
+        self.metrics.slots = None
         for index, image in enumerate(images):
             plan = self.planner.for_image(index, image, tile)
             batch.plans[index] = plan
@@ -437,6 +489,15 @@ def _answer(error: RequestError, respond: Callable[[RequestError], Response]) ->
         return respond(error)
     except Exception:  # noqa: BLE001 - e.g. a v2 body too broken to name its id: still this request's own answer
         return error_response(error)
+
+
+def _slots(groups: list[int | list[int] | Response], size: int) -> list[int]:
+    """Per slot of an expanded batch, the index of the request of TorchServe's batch it answers (for metrics)."""
+    slots = [0] * size
+    for request, group in enumerate(groups):
+        for slot in [group] if isinstance(group, int) else group if isinstance(group, list) else []:
+            slots[slot] = request
+    return slots
 
 
 def request_name(request_id: str | None, index: int) -> str:

@@ -135,8 +135,9 @@ class Prediction:
         return blend(as_pil(picture), np.asarray(mask_image, np.uint8), mask_image.getpalette() or [], alpha)
 
     def areas(self) -> dict[int, tuple[str | None, int]]:
-        """Pixels per class: {class id: (name or None, pixels)}. From a json, rle or polygons answer's classes, an
-        instances answer's regions (their areas summed) or a png mask (counted; a PNG holds no names)."""
+        """Pixels per class: {class id: (name or None, pixels)}. From a json or rle answer's classes, a polygons
+        answer's features, an instances answer's regions (their areas summed) or a png mask (counted; a PNG
+        holds no names)."""
         if self.media_type == "image/png":
             counts = np.bincount(self.mask().ravel())
             return {i: (None, int(n)) for i, n in enumerate(counts) if n}
@@ -144,6 +145,9 @@ class Prediction:
         if isinstance(doc, dict) and isinstance(doc.get("classes"), list) and all(
                 "pixels" in c for c in doc["classes"]):
             return {int(c["id"]): (c.get("name"), int(c["pixels"])) for c in doc["classes"]}
+        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":  # polygons: GeoJSON features
+            return {int(f["properties"]["class_id"]): (f["properties"].get("class"), int(f["properties"]["area"]))
+                    for f in doc.get("features", [])}
         if isinstance(doc, dict) and "instances" in doc:
             found = {int(c["id"]): (c.get("name"), 0) for c in doc.get("counts", [])}
             for region in doc["instances"]:

@@ -1,6 +1,7 @@
 """`segserve`: segment images with a running segserve server, list its models, check its health, try it in a page.
 
     segserve predict scans/ --format png --out masks/     # folders recursively; one file per image
+    segserve predict scans/ --coco scans.json             # and one COCO dataset file (--cvat DIR: CVAT's masks)
     segserve models
     segserve health
     segserve ui                                           # a page to drop an image on (http://127.0.0.1:8090)
@@ -19,6 +20,7 @@ from pathlib import Path
 from . import __version__
 from .api import OPTION_ERRORS, Prediction, SegservClient
 from .errors import FormatError, KeyFileError, SegservError
+from .exports import CocoDataset, CvatExport
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 # The file an answer is saved as, by format, to know before sending whether an image is done already. Every
@@ -86,6 +88,11 @@ def plan_outputs(names: list[str], out: Path, saved_as: str) -> list[tuple[Path,
     structure kept under `out`. Paths are relative to the one folder named, else to the deepest folder that
     holds everything named; inputs that would share an output (x.png and x.jpg) get -2, -3, ... in sorted order.
     Anything under `out` itself is not an input (a re-run over `.` must not segment its own masks)."""
+    return [(image, output) for image, output, _ in plan_images(names, out, saved_as)]
+
+
+def plan_images(names: list[str], out: Path, saved_as: str) -> list[tuple[Path, Path, str]]:
+    """plan_outputs' (image, output), and each image's path relative to that folder (a dataset's file name)."""
     resolved_out = out.resolve()
     found: list[tuple[Path, Path]] = []  # (image, the folder it is relative to)
     for name in names:
@@ -112,7 +119,7 @@ def plan_outputs(names: list[str], out: Path, saved_as: str) -> list[tuple[Path,
         seen[relative] = seen.get(relative, 0) + 1
         if seen[relative] > 1:
             relative = relative.with_name(f"{relative.name}-{seen[relative]}")
-        plan.append((image, out / relative.with_suffix(saved_as)))
+        plan.append((image, out / relative.with_suffix(saved_as), image.resolve().relative_to(base).as_posix()))
     return plan
 
 
@@ -173,19 +180,35 @@ def _class_names(client: SegservClient) -> dict[int, str]:
         return {}
 
 
+def _export(args: argparse.Namespace) -> CocoDataset | CvatExport | None:
+    """--coco / --cvat: the dataset to write, and the format it asks for (--format may only repeat it)."""
+    export = CocoDataset(Path(args.coco)) if args.coco else CvatExport(Path(args.cvat)) if args.cvat else None
+    if export is not None and args.format not in (None, export.format):
+        flag = "--coco" if args.coco else "--cvat"
+        raise UsageError(f"{flag} is built from format={export.format} answers: leave out --format {args.format}")
+    return export
+
+
 def predict(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    plan = plan_outputs(args.images, out, SAVED_AS.get(args.format, ".json"))
+    export = _export(args)
+    request_format = export.format if export else args.format or "png"
+    # --cvat's folder holds the masks (SegmentationClass/) and the CSV; --coco's per-image answers go in --out.
+    out = export.folder if isinstance(export, CvatExport) else Path(args.out)
+    masks = export.masks if isinstance(export, CvatExport) else out
+    plan = plan_images(args.images, masks, export.saved_as if export else SAVED_AS.get(request_format, ".json"))
+    file_names = {image: name for image, _, name in plan}
+    plan = [(image, output) for image, output, _ in plan]
     todo = [(image, output) for image, output in plan if args.overwrite or not output.exists()]
     skipped = len(plan) - len(todo)
     client = _client(args)
     areas = None if args.no_csv else AreasCsv(out / AREAS_CSV, {str(i) for i, o in plan if (i, o) not in todo})
     names = _class_names(client) if areas is not None else {}
     outputs = dict(todo)
+    saved = {image: output for image, output in plan if (image, output) not in todo}
     written, failures, no_areas = 0, [], None
     results: Iterator = client.predict_many(
         [image for image, _ in todo], workers=args.workers, progress=not args.no_progress,
-        format=args.format, classes=args.classes, min_area=args.min_area, tile=args.tile,
+        format=request_format, classes=args.classes, min_area=args.min_area, tile=args.tile,
         threshold=args.threshold, smooth=args.smooth, smooth_method=args.smooth_method,
         fill_holes=args.fill_holes or None, instance_mask=args.instance_mask or None)
     try:
@@ -195,8 +218,13 @@ def predict(args: argparse.Namespace) -> int:
                     raise UsageError(result.message)
                 failures.append(f"  {result.source}: {result}")
                 continue
-            output = _saved_path(outputs[result.source], result)
-            _write(output, result.content)
+            if export is not None:
+                output = outputs[result.source]
+                _write(output, export.output_bytes(result))
+            else:
+                output = _saved_path(outputs[result.source], result)
+                _write(output, result.content)
+            saved[result.source] = output
             written += 1
             if areas is not None:
                 try:
@@ -215,6 +243,10 @@ def predict(args: argparse.Namespace) -> int:
     if skipped:
         done += f" ({skipped} already there, skipped: --overwrite redoes them)"
     print(done + (f"; {len(failures)} failed:" if failures else ""))
+    if export is not None:
+        count = export.finish([(file_names[image], saved[image]) for image, _ in plan if image in saved])
+        print(f"wrote {'COCO dataset ' + args.coco if args.coco else 'CVAT Segmentation mask 1.1 export ' + args.cvat}"
+              f" ({count} images{', without the failed ones' if failures else ''})")
     if areas is not None and no_areas and not areas.rows_written:
         print(f"no {AREAS_CSV}: {no_areas}", file=sys.stderr)
     if failures:
@@ -280,8 +312,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     # The server validates --format, --classes and --tile and names the choices when refusing one
     # (an exit 2, before the other images are sent): the client keeps no copy of its lists.
-    p.add_argument("--format", default="png",
+    p.add_argument("--format", default=None,
                    help="what to write per image (png); a format the server lacks is refused with its list")
+    exports = p.add_mutually_exclusive_group()
+    exports.add_argument("--coco", metavar="FILE", default=None,
+                         help="also write one COCO dataset file (the per-image format=coco answers, in --out, "
+                              "merged; file names relative to the folder named)")
+    exports.add_argument("--cvat", metavar="DIR", default=None,
+                         help="write a CVAT 'Segmentation mask 1.1' export into DIR: SegmentationClass/*.png, "
+                              "labelmap.txt, ImageSets/Segmentation/default.txt (instead of --out)")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids to return")
     p.add_argument("--min-area", type=int, default=None, help="drop regions smaller than this many pixels")
     p.add_argument("--threshold", type=float, default=None,

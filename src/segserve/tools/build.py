@@ -553,9 +553,38 @@ def _size(text: str) -> list[int]:
     return values
 
 
+# torch-model-archiver's flags that have no equivalent here, and what to use instead (the ones that do are
+# aliases of ours: --model-name, --serialized-file, --config-file; --model-file, --version, --export-path and
+# -f/--force are the same names).
+ARCHIVER_ONLY_FLAGS = {
+    "--handler": "segserve's archive always has its own handler (handler/segmenter_handler.py); your model goes "
+                 "in with --arch/--weights, or --model-file/--model-class for your own architecture",
+    "--extra-files": "the archive takes segserve's worker package and the weights itself; your architecture's "
+                     "code goes in with --model-file",
+    "--requirements-file": "what a model family needs is recorded in the archive (handler.model.requires) and "
+                           "installed with segserve's extras (pip install 'segserve[smp]', a container's "
+                           "--build-arg SEGSERVE_EXTRAS=smp,hf,monai)",
+    "--archive-format": "the archive is always a .mar (the archiver's 'default' format); --archive-name sets its "
+                        "file name",
+    "--runtime": "the archive always runs in TorchServe's python runtime",
+}
+
+
+class _ArchiverOnly(argparse.Action):
+    """A torch-model-archiver flag with no equivalent: refused, naming what to use instead."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is torch-model-archiver's, with no equivalent here: "
+                     f"{ARCHIVER_ONLY_FLAGS[option_string]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build_mar.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="segmenter", help="model name: the URL is /predictions/NAME")
+    parser.add_argument("--name", "--model-name", default="segmenter",
+                        help="model name: the URL is /predictions/NAME")
     parser.add_argument("--version", default=None, help="model version (default: the config's, 1.0)")
     parser.add_argument("--archive-name", default=None, help="file name of the .mar without suffix (default: NAME)")
     parser.add_argument("--arch", default=None,
@@ -573,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-code", action="store_true",
                         help="take a model that is code (--model-file, TorchScript, a torch.export program): the "
                              "archive runs it at build and in every worker")
-    parser.add_argument("--weights", type=Path, default=None,
+    parser.add_argument("--weights", "--serialized-file", type=Path, default=None,
                         help="state_dict (.pt/.pth, plain, {'state_dict': ...}/{'model': ...}, DataParallel "
                              "'module.' prefixes) or .safetensors, a Hugging Face save_pretrained folder, a "
                              "torch.export .pt2 or a TorchScript file (default: model/'s)")
@@ -587,9 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
     parser.add_argument("--mean", type=_floats, default=None, help="normalization mean, R,G,B in 0..1")
     parser.add_argument("--std", type=_floats, default=None, help="normalization std, R,G,B")
-    parser.add_argument("--config", type=Path, default=REPO / "model" / "model-config.yaml",
+    parser.add_argument("--config", "--config-file", type=Path, default=REPO / "model" / "model-config.yaml",
                         help="base model-config.yaml (workers, batching, limits)")
     parser.add_argument("--export-path", type=Path, default=REPO / "model-store")
+    parser.add_argument("-f", "--force", action="store_true",
+                        help="overwrite an archive of the same file name in the export path (refused without)")
+    for flag in ARCHIVER_ONLY_FLAGS:
+        parser.add_argument(flag, action=_ArchiverOnly)
     parser.add_argument("--list-archs", action="store_true", help="list every architecture name and exit")
     args = parser.parse_args(argv)
     if args.list_archs:
@@ -597,6 +630,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{family}: {', '.join(names) if isinstance(names, list) else names}")
         return 0
     try:
+        archive = plain_name(args.archive_name, "--archive-name") if args.archive_name else plain_name(args.name,
+                                                                                                        "--name")
+        target = args.export_path / f"{archive}.mar"
+        if target.exists() and not args.force:  # before any work: a build can take minutes
+            raise BuildError(f"{target} exists: pass -f/--force to overwrite it, or --archive-name / "
+                             "--export-path to build another file")
         weights = args.weights
         if weights is None:
             if args.arch or args.model_file:
