@@ -363,3 +363,21 @@ def test_predict_writes_a_cvat_segmentation_mask_export_that_reads_back(server, 
         assert np.array_equal(masks[name.removesuffix(".png")], mask)
     assert main(["predict", str(folder), "--cvat", str(export), "--format", "png", *keys]) == 2
     assert "--cvat is built from format=json answers" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_predict_a_folder_of_dicom_and_nifti(server, tmp_path, capsys):
+    """DICOM and .nii.gz files are found in a folder; the answer's own suffix names each output (.nii.gz whole)."""
+    import gzip
+
+    from segserve.tools.medical_samples import write_samples
+
+    write_samples(tmp_path / "in")
+    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "in"), "--format", "nifti", "--out", str(out), "--no-csv", *keys]) == 1
+    assert (out / "volume.nii.gz").is_file() and gzip.decompress((out / "volume.nii.gz").read_bytes())[:4]
+    assert "ct.dcm" in capsys.readouterr().err  # a DICOM asked for a NIfTI answer: refused, named
+    assert main(["predict", str(tmp_path / "in" / "ct.dcm"), "--format", "png", "--window", "file", "--out",
+                 str(out), *keys]) == 0
+    assert np.asarray(Image.open(out / "ct.png")).shape == (256, 256)

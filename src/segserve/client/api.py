@@ -42,7 +42,8 @@ RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout)
 MAX_DELAY = 30.0
 DEFAULT_KEY_FILES = (Path("run/key_file.json"), Path("key_file.json"))
 TOKEN_ENV = {"inference": "SEGSERVE_TOKEN", "management": "SEGSERVE_MANAGEMENT_TOKEN"}
-EXTENSIONS = {"application/json": ".json", "image/png": ".png", "image/jpeg": ".jpg", "application/x-npy": ".npy"}
+EXTENSIONS = {"application/json": ".json", "image/png": ".png", "image/jpeg": ".jpg", "application/x-npy": ".npy",
+              "application/dicom": ".dcm", "application/gzip": ".nii.gz", "application/zip": ".zip"}
 # Error types about the request's options, not its image (the server validates the options and names the
 # choices): every other image would be refused the same way, so predict_many stops sending.
 OPTION_ERRORS = ("invalid_option",)
@@ -321,7 +322,8 @@ class SegservClient:
     def predict(self, image: ImageInput, format: str = "json", classes: Iterable[str | int] | str | None = None,
                 min_area: int | None = None, tile: str | None = None, threshold: float | None = None,
                 smooth: int | None = None, smooth_method: str | None = None, fill_holes: bool | None = None,
-                instance_mask: bool | None = None) -> Prediction:
+                instance_mask: bool | None = None, window: str | None = None,
+                axis: int | None = None) -> Prediction:
         """Segment one image: a path, encoded bytes, a numpy array ((H, W) or (H, W, 3) uint8) or a PIL image
         (arrays and PIL images go as PNG). Raises a SegservError: ServerRefused, Unreachable, InputError.
 
@@ -329,6 +331,8 @@ class SegservClient:
         `threshold`, `smooth` (radius in pixels), `smooth_method` (median, open, close), `fill_holes` and
         `min_area` post-process the masks (docs/api.md); None leaves the model's default.
         `instance_mask`: with format="instances", also the uint16 instance-id PNG.
+        `window` (DICOM and NIfTI: "file", a preset's name or "center,width") and `axis` (NIfTI: the slice axis,
+        0-2) change how a medical image is read (docs/medical.md); the server refuses them for other images.
         """
         name, data, media = _image_part(image)
         fields = {"format": format}
@@ -338,7 +342,7 @@ class SegservClient:
             fields["classes"] = classes if isinstance(classes, str) else ",".join(str(c) for c in classes)
         for key, value in (("min_area", min_area), ("threshold", threshold), ("smooth", smooth),
                            ("smooth_method", smooth_method), ("fill_holes", fill_holes),
-                           ("instance_mask", instance_mask)):
+                           ("instance_mask", instance_mask), ("window", window), ("axis", axis)):
             if value is not None:
                 fields[key] = str(value).lower() if isinstance(value, bool) else str(value)
         try:

@@ -22,10 +22,11 @@ from .api import OPTION_ERRORS, Prediction, SegservClient
 from .errors import FormatError, KeyFileError, SegservError
 from .exports import CocoDataset, CvatExport
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".dcm", ".nii", ".nii.gz"}
 # The file an answer is saved as, by format, to know before sending whether an image is done already. Every
 # format not named here answers JSON; a format the server lacks is refused by the server, which names its list.
-SAVED_AS = {"png": ".png", "overlay": ".jpg", "probs": ".npy"}
+SAVED_AS = {"png": ".png", "overlay": ".jpg", "probs": ".npy", "dicom-seg": ".dcm", "dicom-seg-fractional": ".dcm",
+            "nifti": ".nii.gz", "slices": ".zip"}
 AREAS_CSV = "areas.csv"
 AREAS_COLUMNS = ["image", "output", "class_id", "class", "pixels"]
 EXIT_CODES = """\
@@ -98,7 +99,7 @@ def plan_images(names: list[str], out: Path, saved_as: str) -> list[tuple[Path, 
     for name in names:
         path = Path(name)
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and _image_suffix(p) in IMAGE_SUFFIXES
                             and not p.resolve().is_relative_to(resolved_out))
             if not inside:
                 raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
@@ -115,12 +116,20 @@ def plan_images(names: list[str], out: Path, saved_as: str) -> list[tuple[Path, 
         if image.resolve() in images:  # named twice (a file and its folder): segmented once
             continue
         images.add(image.resolve())
-        relative = image.resolve().relative_to(base).with_suffix("")
+        relative = image.resolve().relative_to(base)
+        relative = relative.with_name(relative.name[: len(relative.name) - len(_image_suffix(relative))])
         seen[relative] = seen.get(relative, 0) + 1
         if seen[relative] > 1:
             relative = relative.with_name(f"{relative.name}-{seen[relative]}")
-        plan.append((image, out / relative.with_suffix(saved_as), image.resolve().relative_to(base).as_posix()))
+        plan.append((image, out / relative.with_name(relative.name + saved_as),
+                     image.resolve().relative_to(base).as_posix()))
     return plan
+
+
+def _image_suffix(path: Path) -> str:
+    """The suffix that says what a file is: .nii.gz as a whole, else the last one (lower case)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
 class AreasCsv:
@@ -210,7 +219,8 @@ def predict(args: argparse.Namespace) -> int:
         [image for image, _ in todo], workers=args.workers, progress=not args.no_progress,
         format=request_format, classes=args.classes, min_area=args.min_area, tile=args.tile,
         threshold=args.threshold, smooth=args.smooth, smooth_method=args.smooth_method,
-        fill_holes=args.fill_holes or None, instance_mask=args.instance_mask or None)
+        fill_holes=args.fill_holes or None, instance_mask=args.instance_mask or None, window=args.window,
+        axis=args.axis)
     try:
         for result in results:
             if isinstance(result, SegservError):
@@ -256,7 +266,9 @@ def predict(args: argparse.Namespace) -> int:
 
 def _saved_path(planned: Path, result: Prediction) -> Path:
     """The planned name with the suffix of what came back (the server may answer another type than expected)."""
-    return planned if planned.suffix == result.extension else planned.with_suffix(result.extension)
+    if planned.name.endswith(result.extension):
+        return planned
+    return planned.with_name(planned.name[: len(planned.name) - len(_image_suffix(planned))] + result.extension)
 
 
 # -- models, health, ui -----------------------------------------------------------------------------------
@@ -329,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-method", default=None, help="median (default), open or close")
     p.add_argument("--fill-holes", action="store_true", help="fill background enclosed by one class")
     p.add_argument("--instance-mask", action="store_true", help="--format instances: add the uint16 id PNG")
+    p.add_argument("--window", default=None,
+                   help="DICOM/NIfTI: file, a preset's name or CENTER,WIDTH (docs/medical.md)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None, help="NIfTI: the axis to slice along")
     p.add_argument("--tile", default=None,
                    help="sliding windows at the image's own scale (default: the server's, auto); "
                         "a mode the server lacks is refused with its list")
