@@ -17,7 +17,7 @@ import logging
 import zlib
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import UnsupportedMediaType
+from ..errors import EmptyBody, PayloadTooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -70,6 +70,14 @@ def is_nifti_header(head: bytes) -> bool:
     if size in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c"):
         return head[4:8] == b"n+2\x00"
     return False
+
+
+def check_body(data: bytes, max_bytes: int, what: str) -> None:
+    """Refuse an empty body (400) or one over max_bytes (413) before any parser sees it."""
+    if not data:
+        raise EmptyBody(f"the request body is empty: send the {what}'s bytes")
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"the {what} is {len(data)} bytes; the limit is {max_bytes} bytes (max_bytes)")
 
 
 def require(module: str):

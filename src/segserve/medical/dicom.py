@@ -23,16 +23,14 @@ from PIL import Image
 
 from ..config import ServingConfig, Window
 from ..errors import (
-    EmptyBody,
     ImageTooLarge,
     InvalidImage,
     LimitExceeded,
-    PayloadTooLarge,
     RequestError,
     UnprocessableImage,
     UnsupportedMediaType,
 )
-from . import DICOM, require
+from . import DICOM, check_body, require
 from .window import FUNCTIONS, LINEAR, LINEAR_EXACT, apply_window, range_window, to_8bit
 
 # Transfer syntaxes read: uncompressed, and the compressed ones the extra's decoders handle (pydicom's RLE,
@@ -67,11 +65,7 @@ class DicomSource:
 
     def __init__(self, data: bytes, config: ServingConfig, window: str | Window):
         limits = config.limits
-        if not data:
-            raise EmptyBody("the request body is empty: send the DICOM file's bytes")
-        if len(data) > limits.max_bytes:
-            raise PayloadTooLarge(f"the DICOM file is {len(data)} bytes; the limit is {limits.max_bytes} bytes "
-                                  "(max_bytes)")
+        check_body(data, limits.max_bytes, "DICOM file")
         pydicom = require("pydicom")
         self._window = window
         with quiet(), _failures("the DICOM file could not be read: it is truncated or not a DICOM Part 10 file"):

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from ..config import ServingConfig, Window
-from ..errors import EmptyBody, ImageTooLarge, InvalidImage, LimitExceeded, PayloadTooLarge, UnprocessableImage
-from . import NIFTI, NIFTI_HEADER_BYTES, require
+from ..errors import ImageTooLarge, InvalidImage, LimitExceeded, UnprocessableImage
+from . import NIFTI, NIFTI_HEADER_BYTES, check_body, require
 from .dicom import quiet
 from .window import LINEAR, LINEAR_EXACT, apply_window, range_window
 
@@ -39,11 +39,7 @@ class NiftiSource:
 
     def __init__(self, data: bytes, config: ServingConfig, window: str | Window, axis: int):
         limits = config.limits
-        if not data:
-            raise EmptyBody("the request body is empty: send the NIfTI file's bytes")
-        if len(data) > limits.max_bytes:
-            raise PayloadTooLarge(f"the NIfTI file is {len(data)} bytes; the limit is {limits.max_bytes} bytes "
-                                  "(max_bytes)")
+        check_body(data, limits.max_bytes, "NIfTI file")
         nibabel = require("nibabel")
         compressed = data[:2] == b"\x1f\x8b"
         head = _inflate(data, NIFTI_HEADER_BYTES) if compressed else data[:NIFTI_HEADER_BYTES]
