@@ -112,3 +112,12 @@ def test_archiver_flags_without_an_equivalent_are_refused_naming_ours(flag, caps
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert f"{flag} is torch-model-archiver's" in error and ARCHIVER_ONLY_FLAGS[flag] in error
+
+
+def test_the_gpu_profile_sets_larger_batches(tmp_path):
+    model = REPO / "model"
+    mar = build("gpu", model / "model-config.yaml", model / "segmenter.safetensors", tmp_path, profile="gpu")
+    with zipfile.ZipFile(mar) as archive:
+        doc = yaml.safe_load(archive.read("model-config.yaml"))
+    assert (doc["batchSize"], doc["maxBatchDelay"], doc["handler"]["tiling"]["batch"]) == (32, 10, 16)
+    assert doc["handler"]["tiling"]["overlap"] == 0.25  # the rest of the section kept

@@ -251,6 +251,13 @@ def read_class_list(value: str) -> list:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+# --profile: TorchServe's batching and the tiled windows per pass for the device the archive will run on. cpu is
+# model-config.yaml as it is (tuned with make bench on 2 cores: docs/performance.md); gpu gathers larger batches
+# (the settings bench/gpu_check.sh measures, docs/performance.md, GPU), since a GPU's forward pass costs little
+# more for 32 images than for 4 while a CPU's grows with every image.
+PROFILES = {"cpu": {}, "gpu": {"batchSize": 32, "maxBatchDelay": 10, "tiling": {"batch": 16}}}
+
+
 def make_config(base: Path, **overrides: Any) -> dict:
     """The archive's model-config.yaml: the base file with these `handler:` overrides applied."""
     if not base.is_file():
@@ -271,8 +278,11 @@ def make_config(base: Path, **overrides: Any) -> dict:
     for key in ("size", "mean", "std"):
         if overrides.get(key) is not None:
             inp[key] = overrides[key]
-    if overrides.get("tiling") is not None:
-        section["tiling"] = {**(section.get("tiling") or {}), **overrides["tiling"]}
+    profile = dict(PROFILES[overrides.get("profile") or "cpu"])
+    tiling = {**profile.pop("tiling", {}), **(overrides.get("tiling") or {})}
+    if tiling:
+        section["tiling"] = {**(section.get("tiling") or {}), **tiling}
+    doc.update(profile)
     doc["handler"] = section
     return doc
 
@@ -344,8 +354,10 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
           model_file: Path | None = None, model_class: str | None = None, model_args: dict | None = None,
           classes: list | None = None, input_size: list[int] | None = None, mean: list[float] | None = None,
           std: list[float] | None = None, archive_name: str | None = None, head: str | None = None,
-          trust_code: bool = False) -> Path:
+          trust_code: bool = False, profile: str = "cpu") -> Path:
     """Check the model, then write export_path/<archive_name or name>.mar."""
+    if profile not in PROFILES:
+        raise BuildError(f"--profile must be one of {', '.join(PROFILES)}, not {profile!r}")
     plain_name(name, "--name")
     if archive_name is not None:
         plain_name(archive_name, "--archive-name")
@@ -453,7 +465,7 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
             chosen, names = choose_head(names, requested, defaults.head, channels)
             doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
                               weights=family.weights_file, requires=requires or None, classes=names, size=input_size,
-                              mean=mean, std=std, tiling=tiling, head=chosen)
+                              mean=mean, std=std, tiling=tiling, head=chosen, profile=profile)
             try:
                 config = ServingConfig.from_dict(doc["handler"])
             except ConfigError as exc:
@@ -614,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                              "class after the background; classes may overlap). Default: detected from the model's "
                              "output channels and the class list")
     parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                        help="batching for the device: cpu (model-config.yaml's batchSize 4, maxBatchDelay 5) or "
+                             "gpu (batchSize 32, maxBatchDelay 10, 16 tiled windows per pass)")
     parser.add_argument("--mean", type=_floats, default=None, help="normalization mean, R,G,B in 0..1")
     parser.add_argument("--std", type=_floats, default=None, help="normalization std, R,G,B")
     parser.add_argument("--config", "--config-file", type=Path, default=REPO / "model" / "model-config.yaml",
@@ -645,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                     arch_params=parse_arch_params(args.arch_param), model_file=args.model_file,
                     model_class=args.model_class, model_args=args.model_args, classes=args.classes,
                     input_size=args.input_size, mean=args.mean, std=args.std, archive_name=args.archive_name,
-                    head=args.head, trust_code=args.trust_code)
+                    head=args.head, trust_code=args.trust_code, profile=args.profile)
     except (BuildError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"build_mar.sh: error: {exc}", file=sys.stderr)
         return 2
