@@ -100,14 +100,15 @@ def decide(head: Head, logits: torch.Tensor, height: int, width: int, threshold:
 
 
 def probabilities(head: Head, logits: torch.Tensor, channels: Sequence[int] | None = None) -> torch.Tensor:
-    """(C, H, W) logits at the image's size -> float (classes, H, W) probabilities, one plane per class id
-    (only `channels`, class ids, when given). For sigmoid heads the background's is 1 - the highest class
-    probability (for a binary head exactly 1 - p)."""
+    """(C, H, W) logits at the image's size -> (classes, H, W) probabilities in the logits' float type, one
+    plane per class id (only `channels`, class ids, when given). For sigmoid heads the background's is 1 - the
+    highest class probability (for a binary head exactly 1 - p)."""
+    logits = logits if logits.is_floating_point() else logits.float()
     if head.sigmoid:
-        labels = logits.float().sigmoid()
+        labels = logits.sigmoid()
         probs = torch.cat([1 - labels.max(0, keepdim=True).values, labels])
     else:
-        probs = logits.float().softmax(0)
+        probs = logits.softmax(0)
     return probs if channels is None else probs[list(channels)]
 
 

@@ -378,7 +378,9 @@ class Segmenter:
     def _output_from_logits(self, plan: Plan, logits: torch.Tensor) -> MaskSet | np.ndarray:
         """(C, h, w) logits at the model's size -> the plan's output at the image's size."""
         if plan.output == PROBS:
-            probs = heads.probabilities(self.head, upsample_logits(logits, plan.height, plan.width),
+            # float16 on a GPU: the answer is float16 anyway, and every class is upsampled to the image's size.
+            dtype = torch.float16 if logits.is_cuda else torch.float32
+            probs = heads.probabilities(self.head, upsample_logits(logits, plan.height, plan.width, dtype),
                                         plan.options.classes)
             return probs.to(torch.float16).cpu().numpy()
         return MaskSet.unpack(heads.decide(self.head, logits, plan.height, plan.width, plan.options.post.threshold,

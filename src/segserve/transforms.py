@@ -119,11 +119,12 @@ def reference_mask(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     return upsample_logits(logits, height, width).argmax(0).to(torch.uint8).cpu().numpy()
 
 
-def upsample_logits(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Class logits (C, h, w) -> float logits (C, height, width), bilinear."""
+def upsample_logits(logits: torch.Tensor, height: int, width: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Class logits (C, h, w) -> logits (C, height, width) in `dtype`, bilinear."""
     if logits.dim() != 3:
         raise ValueError(f"expected logits of shape (C, h, w), got {tuple(logits.shape)}")
     if logits.shape[-2:] == (height, width):
-        return logits.float()
-    return F.interpolate(logits.unsqueeze(0).float(), size=(height, width), mode="bilinear",
+        return logits.to(dtype)
+    return F.interpolate(logits.unsqueeze(0).to(dtype), size=(height, width), mode="bilinear",
                          align_corners=False)[0]
