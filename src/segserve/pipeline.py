@@ -396,7 +396,7 @@ class Segmenter:
                 return heads.decide(head, logits, logits.shape[1], logits.shape[2], plan.options.post.threshold,
                                     config.postprocess.ignore_label)
         output = tiling.sliding_window(image, self.forward, config.tile_size, config.tiling.overlap,
-                                       config.tiling.batch, config.mean, config.std, to_output)
+                                       config.tiling.batch, config.mean, config.std, to_output, self.device)
         return output if plan.output == PROBS else MaskSet.unpack(output)
 
     # -- 3. answer: encode ----------------------------------------------------------------------

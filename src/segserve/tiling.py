@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from .config import ServingConfig
-from .transforms import logits_to_mask, to_model_input
+from .transforms import logits_to_mask
 
 # MONAI's default for its Gaussian importance map: sigma = 1/8 of the window.
 SIGMA_SCALE = 0.125
@@ -82,39 +83,47 @@ def gaussian_importance_map(tile: tuple[int, int], sigma_scale: float = SIGMA_SC
     return np.maximum(weights / weights.max(), MIN_WEIGHT).astype(np.float32)
 
 
-def window_input(image: Image.Image, top: int, left: int, tile: tuple[int, int], mean: Sequence[float],
-                 std: Sequence[float]) -> torch.Tensor:
-    """The normalized (3, tile height, tile width) model input of one window, cut at the image's scale.
+def window_inputs(rows: torch.Tensor, lefts: Sequence[int], tile: tuple[int, int], mean: torch.Tensor,
+                  std: torch.Tensor) -> torch.Tensor:
+    """The normalized (N, 3, tile height, tile width) model inputs of the windows starting at `lefts` in a band of
+    rows (uint8 (3, up to tile height, image width), on the model's device), cut at the image's scale: the
+    arithmetic of `to_model_input` (x / 255, then (x - mean) / std) done once for the batch, where the rows are.
 
-    A window reaches past the image only when the image is narrower (or shorter) than a
-    window; that side is padded by repeating the edge pixels.
+    A window reaches past the image only when the image is narrower (or shorter) than a window; that side is
+    padded by repeating the edge pixels.
     """
-    height, width = min(tile[0], image.height - top), min(tile[1], image.width - left)
-    tensor = to_model_input(image.crop((left, top, left + width, top + height)), (height, width), mean, std)
+    height, width = min(tile[0], rows.shape[1]), min(tile[1], rows.shape[2])
+    crops = torch.stack([rows[:, :height, left:left + width] for left in lefts])
+    inputs = crops.to(torch.float32).div_(255.0).sub_(mean).div_(std)
     if (height, width) != tile:
-        tensor = F.pad(tensor[None], (0, tile[1] - width, 0, tile[0] - height), mode="replicate")[0]
-    return tensor
+        inputs = F.pad(inputs, (0, tile[1] - width, 0, tile[0] - height), mode="replicate")
+    return inputs
 
 
 def blended_bands(image: Image.Image, forward: Forward, tile: tuple[int, int], overlap: float, batch: int,
-                  mean: Sequence[float], std: Sequence[float]) -> Iterator[tuple[int, torch.Tensor]]:
+                  mean: Sequence[float], std: Sequence[float],
+                  device: torch.device | str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (top, logits) for consecutive bands of rows: blended logits (C, rows, image width).
 
     `forward` maps (N, 3, h, w) model inputs to (N, C, h', w') logits; the bands are on
-    the device its logits come back on. Together the bands cover every row once.
+    the device its logits come back on. Together the bands cover every row once. Each row of windows goes to
+    `device` (the model's) once, as uint8, and its windows are cut and normalized there.
     """
     tile_height, tile_width = tile
     tops = window_starts(image.height, tile_height, overlap)
     lefts = window_starts(image.width, tile_width, overlap)
     padded_width = max(image.width, tile_width)
     weight_cpu = torch.from_numpy(gaussian_importance_map(tile))
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(3, 1, 1)
     weight = carry = carry_weight = None
     for row, top in enumerate(tops):
         logits_sum = weight_sum = None
+        band = image.crop((0, top, image.width, min(top + tile_height, image.height)))
+        rows = pil_to_tensor(band).to(device, non_blocking=True)
         for first in range(0, len(lefts), batch):
             chunk = lefts[first:first + batch]
-            inputs = torch.stack([window_input(image, top, left, tile, mean, std) for left in chunk])
-            logits = forward(inputs).float()
+            logits = forward(window_inputs(rows, chunk, tile, mean_t, std_t)).float()
             if logits.shape[-2:] != tile:  # a model with a coarser output: back to the window's pixels
                 logits = F.interpolate(logits, size=tile, mode="bilinear", align_corners=False)
             if logits_sum is None:
@@ -136,11 +145,11 @@ def blended_bands(image: Image.Image, forward: Forward, tile: tuple[int, int], o
 
 def sliding_window(image: Image.Image, forward: Forward, tile: tuple[int, int], overlap: float, batch: int,
                    mean: Sequence[float], std: Sequence[float],
-                   to_output: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+                   to_output: Callable[[torch.Tensor], np.ndarray], device: torch.device | str = "cpu") -> np.ndarray:
     """The whole image's output from blended windows: `to_output` maps each band's logits (C, rows, width) to
     an array (..., rows, width) (labels, label layers, probabilities), and the bands are stacked along rows."""
     output = None
-    for top, logits in blended_bands(image, forward, tile, overlap, batch, mean, std):
+    for top, logits in blended_bands(image, forward, tile, overlap, batch, mean, std, device):
         band = to_output(logits)
         if output is None:
             output = np.empty((*band.shape[:-2], image.height, image.width), band.dtype)
