@@ -329,7 +329,7 @@ def test_monai_networks_take_their_own_arguments(tmp_path, capsys):
     assert "monai:BasicUNet" in families.family_of("monai:UNet").arch_names()
     code = main(["--arch", "monai:UNet", "--arch-param", "spatial_dims=3", "--weights", str(weights),
                  "--classes", ",".join(CLASSES), "--export-path", str(tmp_path / "store")])
-    assert code == 2 and "images are 2-D" in capsys.readouterr().err
+    assert code == 2 and "DEPTHxHEIGHTxWIDTH" in capsys.readouterr().err  # a 3-D model needs a 3-D window
     # Without --arch-param an architecture gets its own defaults, never the base config's (the default U-Net's).
     weights = state_file(tmp_path / "basic.pt", "monai:BasicUNet")
     mar = build("basic", MODEL_CONFIG, weights, tmp_path / "store", arch="monai:BasicUNet", classes=CLASSES,
