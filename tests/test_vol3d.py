@@ -1,0 +1,145 @@
+"""3-D models for NIfTI volumes (docs/medical.md#3-d-models): an archive of a random-weight 3-D MONAI UNet, built by
+segserve.tools.build, answers a NIfTI volume with the label volume MONAI's sliding_window_inference makes on the same
+model and windowed volume, with the input's affine and shape; what is not a volume, or a format that answers 2-D
+images, gets its clear 4xx. In-process through the archive's own handler."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from support import MODEL_CONFIG, encode_image
+from support.handlers import ask
+
+from segserve.config import ConfigError, ServingConfig
+from segserve.families import build_model
+from segserve.tools.build import BuildError, build
+from segserve.tools.inprocess import load_handler
+
+nibabel = pytest.importorskip("nibabel", reason="segserve's 'medical' extra")
+inferers = pytest.importorskip("monai.inferers", reason="segserve's 'monai' extra")
+
+CLASSES = ["background", "liver", "lesion"]
+ROI = [16, 24, 24]  # the sliding window (D, H, W) along the volume's i, j, k
+PARAMS = {"spatial_dims": 3, "channels": [4, 8], "strides": [2]}
+SHAPE = (40, 30, 20)  # i, j, k: more than one window along i and j, one padded along k
+CAL = (-200.0, 300.0)  # cal_min..cal_max: the file's own window
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vol3d")
+    torch.manual_seed(0)
+    model = build_model("monai:UNet", len(CLASSES), **PARAMS)
+    torch.save(model.state_dict(), root / "unet3d.pt")
+    mar = build("unet3d", MODEL_CONFIG, root / "unet3d.pt", root / "store", arch="monai:UNet", arch_params=PARAMS,
+                classes=CLASSES, input_size=ROI, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    folder = root / "unpacked"
+    with zipfile.ZipFile(mar) as unpacked:
+        unpacked.extractall(folder)
+    return model.eval(), mar, folder
+
+
+@pytest.fixture(scope="module")
+def handler(archive):
+    return load_handler(archive[2])
+
+
+def volume_nifti(seed: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A .nii.gz of smooth random int16 values (HU-like) with an oblique affine; its values and affine."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(50, 150, SHAPE).cumsum(axis=0) / 4
+    stored = np.clip(values, -1000, 1000).astype(np.int16)
+    affine = np.array([[0.8, 0.1, 0, -30], [0, 0.8, 0, -20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
+    image = nibabel.Nifti1Image(stored, affine)
+    image.header["cal_min"], image.header["cal_max"] = CAL
+    return gzip.compress(image.to_bytes(), mtime=0), stored, affine
+
+
+def send(handler, data: bytes, fmt: str = "nifti"):
+    return ask(handler, {"body": data, "format": fmt.encode()})
+
+
+def test_the_archive_records_a_3d_model(archive):
+    doc = yaml.safe_load(zipfile.ZipFile(archive[1]).read("model-config.yaml"))["handler"]
+    assert doc["input"]["size"] == ROI and doc["model"]["arch_params"] == PARAMS
+    config = ServingConfig.from_dict(doc)
+    assert config.volume_roi == tuple(ROI) and config.input_shape == (1, *ROI)
+
+
+def test_a_volume_answers_what_sliding_window_inference_makes_with_its_affine(archive, handler):
+    model, _, folder = archive
+    config = ServingConfig.from_yaml(folder / "model-config.yaml")
+    data, stored, affine = volume_nifti()
+    reply = send(handler, data)
+    assert reply.status == 200, reply.body[:500]
+    labels = nibabel.Nifti1Image.from_bytes(gzip.decompress(reply.body))
+    assert labels.shape == SHAPE and np.allclose(labels.affine, affine)
+    assert labels.get_data_dtype() == np.uint8 and int(labels.header["intent_code"]) == 1002
+    served = np.asarray(labels.dataobj)
+    # The file's window (LINEAR_EXACT over cal_min..cal_max) to 0..1, then MONAI's own sliding window.
+    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
+    grey = np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0
+    inputs = torch.from_numpy(grey).float()[None, None]
+    with torch.inference_mode():
+        logits = inferers.sliding_window_inference(inputs, ROI, config.tiling.batch, model,
+                                                   overlap=config.tiling.overlap, mode="gaussian")[0]
+    expected = logits.argmax(0).numpy()
+    top2 = logits.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]).numpy() > 1e-4  # voxels no float rounding (e.g. memory layout) can flip
+    assert clear.mean() > 0.99
+    assert np.array_equal(served[clear], expected[clear])
+    assert len(np.unique(expected)) > 1  # a model answering one class everywhere would prove nothing
+
+
+@pytest.mark.parametrize("what", ["png", "dicom"])
+def test_what_is_not_a_volume_gets_a_422_saying_the_model_segments_volumes(handler, what):
+    image = encode_image(Image.fromarray(np.full((32, 32, 3), 90, np.uint8)))
+    if what == "dicom":
+        from segserve.tools.medical_samples import scene_dicom
+
+        image = scene_dicom((0,))[0]
+    reply = ask(handler, {"body": image}, {"body": {"content-type": "application/dicom"}} if what == "dicom" else {})
+    assert reply.status == 422, reply.body[:300]
+    message = json.loads(reply.body)["message"]
+    assert "segments 3-D volumes" in message and "NIfTI" in message and "format=nifti" in message
+
+
+def test_a_2d_format_for_a_volume_gets_a_406_naming_the_volume_format(handler):
+    for fmt in ("png", "json", "slices"):
+        reply = send(handler, volume_nifti()[0], fmt)
+        assert reply.status == 406, (fmt, reply.body[:300])
+        assert "format=nifti" in json.loads(reply.body)["message"]
+    assert send(handler, volume_nifti()[0]).status == 200  # the worker goes on
+
+
+def test_a_volume_over_the_memory_limit_is_refused_from_its_header(archive, handler):
+    config = ServingConfig.from_yaml(archive[2] / "model-config.yaml")
+    from segserve.medical.nifti import volume_bytes
+
+    voxels = int(np.prod(SHAPE))
+    assert voxels * volume_bytes(config) < config.limits.max_request_memory  # the sample is answered (above)
+    big = nibabel.Nifti1Image(np.zeros((1, 1, 1), np.int16), np.eye(4))
+    side = int((config.limits.max_request_memory / volume_bytes(config)) ** (1 / 3)) + 2
+    big.header.set_data_shape((side, side, side))
+    # The header alone (no voxels): refused before any is read.
+    reply = send(handler, big.header.binaryblock + b"\0" * 4)
+    assert reply.status == 413 and "max_request_memory" in json.loads(reply.body)["message"]
+
+
+def test_2d_and_3d_settings_must_agree(tmp_path):
+    torch.manual_seed(0)
+    torch.save(build_model("monai:UNet", len(CLASSES), **PARAMS).state_dict(), tmp_path / "u.pt")
+    with pytest.raises(BuildError, match="DEPTHxHEIGHTxWIDTH"):
+        build("u", MODEL_CONFIG, tmp_path / "u.pt", tmp_path / "s", arch="monai:UNet", arch_params=PARAMS,
+              classes=CLASSES, input_size=[32, 32])
+    doc = yaml.safe_load(MODEL_CONFIG.read_text())["handler"]
+    doc["input"]["size"] = ROI
+    with pytest.raises(ConfigError, match="spatial_dims"):
+        ServingConfig.from_dict(doc)
