@@ -143,3 +143,19 @@ def test_2d_and_3d_settings_must_agree(tmp_path):
     doc["input"]["size"] = ROI
     with pytest.raises(ConfigError, match="spatial_dims"):
         ServingConfig.from_dict(doc)
+
+
+def test_options_a_volume_takes_and_those_it_refuses(handler):
+    data = volume_nifti()[0]
+    whole = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(send(handler, data).body)).dataobj)
+    # axis only says how slices are cut for a 2-D model: the 3-D model's labels do not depend on it.
+    along_i = ask(handler, {"body": data, "format": b"nifti", "axis": b"0"})
+    assert np.array_equal(np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(along_i.body)).dataobj), whole)
+    only = ask(handler, {"body": data, "format": b"nifti", "classes": b"lesion"})
+    kept = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(only.body)).dataobj)
+    assert np.array_equal(kept, np.where(whole == 2, 2, 0))
+    for key, value in (("smooth", b"2"), ("fill_holes", b"true"), ("min_area", b"5"), ("tile", b"on")):
+        reply = ask(handler, {"body": data, "format": b"nifti", key: value})
+        assert reply.status == 400 and key in json.loads(reply.body)["message"], (key, reply.body[:300])
+    v2 = ask(handler, {"body": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}})
+    assert v2.status == 422 and "segments 3-D volumes" in v2.body.decode()

@@ -31,7 +31,7 @@ from .config import Limits, ServingConfig
 from .decode import ImageFile
 from .errors import BadRequest, InvalidOption, LimitExceeded, NotAcceptable, UnprocessableEntity, shown
 from .formats import Format
-from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess
+from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess, raw_options
 from .tiling import should_tile
 from .v2 import V2Request
 
@@ -104,7 +104,7 @@ class Planner:
         data = decode.extract_image_bytes(inputs, content_types(headers))
         kind = medical.sniff(data, declared_type(inputs, headers))
         if self.config.volume_roi is not None:
-            return self._plan_volume(index, request_id, kind, data, options, entry)
+            return self._plan_volume(index, request_id, kind, data, options, entry, raw_options(inputs))
         if kind is not None or entry.needs_source is not None:
             return self._plan_medical(index, request_id, kind, data, options, entry)
         if options.medical_given:
@@ -161,8 +161,12 @@ class Planner:
                     options=options, medical=kind, frames=frames), source
 
     def _plan_volume(self, index: int, request_id: str | None, kind: str | None, data: bytes, options: Options,
-                     entry: Format) -> tuple[Plan, Source]:
+                     entry: Format, fields: dict[str, Any]) -> tuple[Plan, Source]:
         """A 3-D model's request: a NIfTI volume, answered as a NIfTI label volume (the only format for it)."""
+        shaping = [key for key in (*VOXEL_FREE_OPTIONS, "tile") if fields.get(key) not in (None, "")]
+        if shaping:
+            raise InvalidOption(f"{', '.join(shaping)} apply to 2-D images and masks; a 3-D model runs its own "
+                                "sliding window over the volume and answers each voxel's label: drop them")
         if kind != medical.NIFTI:
             got = "a DICOM object" if kind == medical.DICOM else "not a NIfTI volume"
             raise UnprocessableEntity(f"{VOLUMES_ONLY}; this body is {got}")
@@ -170,9 +174,6 @@ class Planner:
             names = ", ".join(name for name, f in formats.REGISTRY.items() if f.needs_source == medical.NIFTI)
             raise NotAcceptable(f"format={entry.name} answers 2-D images; this 3-D model answers a volume with its "
                                 f"label volume: ask for format={names}")
-        if options.tile == "on":
-            raise BadRequest("tile=on cuts a 2-D image into windows; a 3-D model always runs a sliding window over "
-                             "the volume: drop tile")
         source = medical.open_source(kind, data, self.config, options)  # its memory checked from the header
         return Plan(index, request_id, source.width, source.height, tiled=False, decoder=PILLOW, reduce=False,
                     output=MASK, keep_image=False, format=entry, options=options, medical=kind,
@@ -253,6 +254,8 @@ def frames_memory(config: ServingConfig, width: int, height: int, frames: int, e
     return frames * (model_pixels * 4 * (3 + config.num_classes) + width * height * (IMAGE_BYTES + output))
 
 
+# Request options a 3-D model's label volume has no use for (threshold, classes, window and axis it takes).
+VOXEL_FREE_OPTIONS = ("smooth", "smooth_method", "fill_holes", "min_area", "instance_mask")
 VOLUMES_ONLY = ("this model segments 3-D volumes: send a NIfTI volume (.nii or .nii.gz) and ask for format=nifti, "
                 "its label volume")
 
