@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
 import zipfile
 
 import numpy as np
@@ -159,3 +161,25 @@ def test_options_a_volume_takes_and_those_it_refuses(handler):
         assert reply.status == 400 and key in json.loads(reply.body)["message"], (key, reply.body[:300])
     v2 = ask(handler, {"body": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}})
     assert v2.status == 422 and "segments 3-D volumes" in v2.body.decode()
+
+
+def test_the_docs_build_example_runs_as_written(tmp_path):
+    """docs/medical.md's 3-D build example, run as written in a copy of the project (as test_families_docs runs
+    own-model.md's), builds the archive it says: a 3-D window, one input channel."""
+    from support import REPO
+    from test_families_docs import copy_project
+
+    text = (REPO / "docs" / "medical.md").read_text()
+    section = text[text.index("## 3-D models"):text.index("## Limits and bad input")]
+    start = section.index("```bash\n") + len("```bash\n")
+    code = section[start:section.index("\n```", start)]
+    copy_project(tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "src"),
+                                                                    os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "built model-store/liver3d.mar" in result.stdout
+    doc = yaml.safe_load(zipfile.ZipFile(tmp_path / "model-store" / "liver3d.mar").read("model-config.yaml"))
+    config = ServingConfig.from_dict(doc["handler"])
+    assert config.volume_roi == (32, 64, 64) and config.input_shape == (1, 32, 64, 64)

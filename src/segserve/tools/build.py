@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServingConfig.from_dict(yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"])
     print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch} "
           f"({families.family_of(config.arch).name}), {config.head} head, {config.num_classes} classes "
-          f"({', '.join(config.class_names)}), input {config.input_size[0]}x{config.input_size[1]}")
+          f"({', '.join(config.class_names)}), input {'x'.join(map(str, config.volume_roi or config.input_size))}")
     return 0
 
 
