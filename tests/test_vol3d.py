@@ -183,3 +183,26 @@ def test_the_docs_build_example_runs_as_written(tmp_path):
     doc = yaml.safe_load(zipfile.ZipFile(tmp_path / "model-store" / "liver3d.mar").read("model-config.yaml"))
     config = ServingConfig.from_dict(doc["handler"])
     assert config.volume_roi == (32, 64, 64) and config.input_shape == (1, 32, 64, 64)
+
+
+@pytest.mark.integration
+def test_served_by_torchserve_as_in_process(archive, handler, tmp_path):
+    """The 3-D archive in a real TorchServe: a volume's label volume equals the in-process answer, an image gets the
+    422 and a 2-D format the 406, and the worker answers on."""
+    import requests
+    from support import torchserve
+
+    mar = archive[1]
+    data = volume_nifti(seed=4)[0]
+    with torchserve(tmp_path, mar.parent, [f"unet3d={mar.name}"], ["unet3d"]) as server:
+        url = f"{server.inference_url}/predictions/unet3d"
+        headers = {**server.headers(), "Content-Type": "application/gzip"}
+        served = requests.post(f"{url}/1.0/nifti", data=data, headers=headers, timeout=120)
+        assert served.status_code == 200, served.text
+        assert served.content == send(handler, data).body
+        image = encode_image(Image.fromarray(np.full((32, 32, 3), 90, np.uint8)))
+        photo = requests.post(url, data=image, headers={**server.headers(), "Content-Type": "image/png"}, timeout=60)
+        assert photo.status_code == 422 and "segments 3-D volumes" in photo.json()["message"]
+        as_png = requests.post(f"{url}/1.0/png", data=data, headers=headers, timeout=60)
+        assert as_png.status_code == 406 and "format=nifti" in as_png.json()["message"]
+        assert requests.post(f"{url}/1.0/nifti", data=data, headers=headers, timeout=120).content == served.content
