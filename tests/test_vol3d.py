@@ -75,6 +75,10 @@ def test_the_archive_records_a_3d_model(archive):
     assert config.volume_roi == tuple(ROI) and config.input_shape == (1, *ROI)
 
 
+def test_describe_shows_the_3d_window(handler):
+    assert handler.describe_handle()["input_size"] == ROI
+
+
 def test_a_volume_answers_what_sliding_window_inference_makes_with_its_affine(archive, handler):
     model, _, folder = archive
     config = ServingConfig.from_yaml(folder / "model-config.yaml")
