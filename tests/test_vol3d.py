@@ -210,3 +210,30 @@ def test_served_by_torchserve_as_in_process(archive, handler, tmp_path):
         as_png = requests.post(f"{url}/1.0/png", data=data, headers=headers, timeout=60)
         assert as_png.status_code == 406 and "format=nifti" in as_png.json()["message"]
         assert requests.post(f"{url}/1.0/nifti", data=data, headers=headers, timeout=120).content == served.content
+
+
+def test_a_model_of_several_input_channels_gets_the_volume_in_each(tmp_path):
+    """arch_params.in_channels 2: the windowed volume repeated over both, as sliding_window_inference is given it."""
+    params = {"spatial_dims": 3, "in_channels": 2, "features": [4, 4, 8, 8, 16, 4]}
+    torch.manual_seed(1)
+    model = build_model("monai:BasicUNet", 2, **params).eval()
+    torch.save(model.state_dict(), tmp_path / "b.pt")
+    mar = build("b3d", MODEL_CONFIG, tmp_path / "b.pt", tmp_path / "store", arch="monai:BasicUNet", arch_params=params,
+                classes=["background", "organ"], input_size=[32, 32, 32], mean=[0.0] * 3, std=[1.0] * 3)
+    with zipfile.ZipFile(mar) as unpacked:
+        unpacked.extractall(tmp_path / "b3d")
+    config = ServingConfig.from_yaml(tmp_path / "b3d" / "model-config.yaml")
+    assert config.input_shape == (2, 32, 32, 32)
+    data, stored, _ = volume_nifti(seed=2)
+    reply = send(load_handler(tmp_path / "b3d"), data)
+    assert reply.status == 200, reply.body[:300]
+    served = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(reply.body)).dataobj)
+    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
+    grey = torch.from_numpy(np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0).float()
+    with torch.inference_mode():
+        logits = inferers.sliding_window_inference(grey[None, None].repeat(1, 2, 1, 1, 1), [32, 32, 32],
+                                                   config.tiling.batch, model, overlap=config.tiling.overlap,
+                                                   mode="gaussian")[0]
+    top2 = logits.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]).numpy() > 1e-4
+    assert clear.mean() > 0.99 and np.array_equal(served[clear], logits.argmax(0).numpy()[clear])
