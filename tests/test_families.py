@@ -329,7 +329,7 @@ def test_monai_networks_take_their_own_arguments(tmp_path, capsys):
     assert "monai:BasicUNet" in families.family_of("monai:UNet").arch_names()
     code = main(["--arch", "monai:UNet", "--arch-param", "spatial_dims=3", "--weights", str(weights),
                  "--classes", ",".join(CLASSES), "--export-path", str(tmp_path / "store")])
-    assert code == 2 and "images are 2-D" in capsys.readouterr().err
+    assert code == 2 and "DEPTHxHEIGHTxWIDTH" in capsys.readouterr().err  # a 3-D model needs a 3-D window
     # Without --arch-param an architecture gets its own defaults, never the base config's (the default U-Net's).
     weights = state_file(tmp_path / "basic.pt", "monai:BasicUNet")
     mar = build("basic", MODEL_CONFIG, weights, tmp_path / "store", arch="monai:BasicUNet", classes=CLASSES,
@@ -404,10 +404,10 @@ def test_code_is_taken_only_with_trust_code(tmp_path, capsys):
     store = str(tmp_path / "store")
     for flags in (["--weights", str(scripted)], ["--arch", "torchscript", "--weights", str(scripted)],
                   ["--model-file", str(model_file), "--model-class", "Net", "--weights", str(tmp_path / "net.pt")]):
-        assert main([*flags, "--classes", ",".join(CLASSES), "--export-path", store]) == 2
+        assert main([*flags, "--classes", ",".join(CLASSES), "--export-path", store, "--force"]) == 2
         err = capsys.readouterr().err
         assert "--trust-code" in err and "runs that code when it is built and in every worker" in err
-        assert main([*flags, "--classes", ",".join(CLASSES), "--export-path", store, "--trust-code"]) == 0
+        assert main([*flags, "--classes", ",".join(CLASSES), "--export-path", store, "--trust-code", "--force"]) == 0
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "/tmp/x", ".hidden", "a b"])

@@ -193,6 +193,14 @@ class ServingConfig:
     # torch.compile the model at load (slower start, faster forwards on GPU); off by default.
     compile: bool = False
     medical: Medical = Medical()
+    # A 3-D model's sliding-window ROI (D, H, W) along a NIfTI volume's i, j, k axes (input.size: [D, H, W],
+    # arch_params.spatial_dims: 3); None for 2-D models. input_size is then its (H, W).
+    volume_roi: tuple[int, int, int] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input's (channels, *spatial) shape: (3, H, W), or a 3-D model's (in_channels, D, H, W)."""
+        return input_shape(self.volume_roi or self.input_size, self.arch_params)
 
     @property
     def num_classes(self) -> int:
@@ -264,11 +272,18 @@ class ServingConfig:
         if len(raw_classes) > 256:
             raise ConfigError("handler.classes: at most 256 classes fit in an indexed PNG mask")
         classes = tuple(_class_info(i, c) for i, c in enumerate(raw_classes))
-        input_size = _size(inp.get("size"), "handler.input.size")
+        size = inp.get("size")
+        volume_roi = _size3(size) if isinstance(size, (list, tuple)) and len(size) == 3 else None
+        input_size = volume_roi[1:] if volume_roi else _size(size, "handler.input.size")
         arch_params = model.get("arch_params")
         if arch_params is not None and not isinstance(arch_params, dict):
             raise ConfigError(f"handler.model.arch_params must be a mapping of the architecture's keyword "
                               f"arguments, got {arch_params!r}")
+        spatial_dims = (arch_params or {}).get("spatial_dims", 2)
+        if (volume_roi is not None) != (spatial_dims == 3):
+            raise ConfigError(f"handler.input.size {size!r} and arch_params.spatial_dims {spatial_dims!r} disagree: a "
+                              "3-D model (spatial_dims: 3) takes its sliding window's [depth, height, width] as "
+                              "input.size, a 2-D one [height, width]")
 
         return cls(
             name=_text(_required(model, "name", "handler.model"), "handler.model.name"),
@@ -291,6 +306,7 @@ class ServingConfig:
             decoder=choice(runtime.get("decoder", "auto"), DECODERS, "handler.runtime.decoder"),
             compile=boolean(runtime.get("compile", False), "handler.runtime.compile"),
             medical=_medical(medical),
+            volume_roi=volume_roi,
         )
 
 
@@ -372,6 +388,21 @@ def _size(value: Any, where: str) -> tuple[int, int]:
             and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)):
         raise ConfigError(f"{where} must be [height, width] in pixels (or one number for a square), got {value!r}")
     return value[0], value[1]
+
+
+def _size3(value: Any) -> tuple[int, int, int]:
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value):
+        raise ConfigError(f"handler.input.size of a 3-D model must be [depth, height, width] in voxels, got {value!r}")
+    return value[0], value[1], value[2]
+
+
+def input_shape(size: Any, arch_params: dict[str, Any]) -> tuple[int, ...]:
+    """A model input's (channels, *spatial) shape for an input size of 2 (RGB images) or 3 entries (volumes: one
+    channel, or arch_params.in_channels, each the same windowed volume)."""
+    size = tuple(size)
+    if len(size) == 3:
+        return (int(arch_params.get("in_channels", 1)), *size)
+    return (3, *size)
 
 
 def _requires(value: Any) -> dict[str, str]:

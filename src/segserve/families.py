@@ -241,7 +241,7 @@ def _smp(arch: str, channels: int, /, **params: Any) -> nn.Module:
     return smp.create_model(name, encoder_weights=None, classes=channels, **params)
 
 
-# -- monai: MONAI's networks with 2-D spatial dims ---------------------------------------------------------
+# -- monai: MONAI's networks, 2-D (images) or 3-D (NIfTI volumes) ----------------------------------------------------
 MONAI = "monai:"
 
 
@@ -264,12 +264,20 @@ def _monai(arch: str, channels: int, /, **params: Any) -> nn.Module:
         raise ValueError(f"unknown MONAI network {name!r} (a class of monai.networks.nets taking spatial_dims, "
                          f"in_channels and out_channels); choose one of: "
                          f"{', '.join(MONAI + n for n in _monai_names())}")
-    _refuse(params, "monai", {"spatial_dims": "images are 2-D: 2", "in_channels": "RGB images: 3",
-                              "out_channels": "the output channels follow --classes"})
+    params = dict(params)
+    spatial_dims = params.pop("spatial_dims", 2)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"monai arch_params: spatial_dims is 2 (images) or 3 (NIfTI volumes, with input.size "
+                         f"[depth, height, width]), got {spatial_dims!r}")
+    if spatial_dims == 2:
+        _refuse(params, "monai", {"in_channels": "RGB images: 3"})
+    # A 3-D model takes the windowed volume as one channel, or repeated over its in_channels.
+    in_channels = params.pop("in_channels", 1) if spatial_dims == 3 else 3
+    _refuse(params, "monai", {"out_channels": "the output channels follow --classes"})
     if params.get("pretrained"):
         raise ValueError("monai arch_params: pretrained must stay false: segserve never downloads, and your "
                          "weights file already holds the backbone's weights")
-    return getattr(nets, name)(spatial_dims=2, in_channels=3, out_channels=channels, **params)
+    return getattr(nets, name)(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=channels, **params)
 
 
 # -- hf: a Hugging Face transformers semantic-segmentation model, from its save_pretrained folder ----------

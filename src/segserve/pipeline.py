@@ -170,7 +170,7 @@ class Segmenter:
             torch.set_num_threads(config.threads)
         model = load_model(config, model_dir / config.weights, device=device)
         if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=_memory_format(config))
         if config.compile:
             # Compiled on the first forward (the warm-up) and again per new batch size: minutes of startup
             # on a small CPU, so raise startupTimeout with it. Measured slower than eager on CPU.
@@ -184,10 +184,9 @@ class Segmenter:
         """A forward pass so the first real request doesn't pay for lazy initialisation. A compiled model is
         also run at `batch_size`: torch.compile specializes on the first batch size and recompiles, with the
         batch dimension dynamic, at the second, which would otherwise happen inside the first full batch."""
-        height, width = self.config.input_size
         sizes = (1, batch_size) if self.config.compile and batch_size > 1 else (1,)
         for size in sizes:
-            self.forward(torch.zeros(size, 3, height, width))
+            self.forward(torch.zeros(size, *self.config.input_shape))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized input -> (N, C, H, W) logits, one pass under inference_mode.
@@ -195,7 +194,7 @@ class Segmenter:
         The model is `families.load_model`'s: its family's adapter already makes the output a logits tensor."""
         batch = batch.to(self.device, non_blocking=True)
         if self.config.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=_memory_format(self.config))
         with torch.inference_mode(), self._autocast():
             return self.model(batch)
 
@@ -261,6 +260,11 @@ class Segmenter:
             if plan.decoder == TORCHVISION:  # decoded with the batch's other JPEGs (_decode_jpegs)
                 batch.jpegs[index] = source
                 return
+            if plan.volume:  # a 3-D model's input: the whole windowed volume, one model input
+                batch.sources[index] = source
+                with self.metrics.time("preprocess", plan.index):
+                    batch.model_inputs[index] = self._volume_input(source.windowed())
+                return
             if plan.medical is not None:
                 images = source.images()
                 if plan.format.needs_source is not None:
@@ -292,6 +296,13 @@ class Segmenter:
         with self.metrics.time("preprocess", plan.index):
             batch.model_inputs[plan.index] = torch.stack([to_model_input(image, config.input_size, config.mean,
                                                                          config.std) for image in images])
+
+    def _volume_input(self, grey: np.ndarray) -> torch.Tensor:
+        """uint8 (i, j, k) grey levels -> (1, in_channels, i, j, k) normalized as the first channel of an image
+        is (input.mean[0], input.std[0]), repeated over the model's input channels."""
+        config = self.config
+        volume = (torch.from_numpy(grey).float().div_(255.0) - config.mean[0]) / config.std[0]
+        return volume[None, None].expand(1, config.input_shape[0], *volume.shape)
 
     def _decode_jpegs(self, batch: Batch) -> None:
         """Batched torchvision decode of the waiting JPEGs into model inputs on the model's device.
@@ -326,7 +337,13 @@ class Segmenter:
     def infer(self, batch: Batch) -> Batch:
         """Every pending request gets its output: resized ones from one forward pass, tiled ones one by one."""
         plans = batch.pending()
-        resized = [plan for plan in plans if not plan.tiled]
+        resized = [plan for plan in plans if not plan.tiled and not plan.volume]
+        for plan in plans:
+            if plan.volume:
+                with self._guard(batch, plan.index, plan.request_id, INFERENCE, self._respond(plan)), \
+                        self.metrics.time("forward", plan.index):
+                    batch.outputs[plan.index] = self._volume_output(plan, batch.model_inputs.pop(plan.index),
+                                                                    batch.sources[plan.index])
         # A pass per TorchServe batch; with v1 instances (a slot each) no larger than that batch or a tiled
         # pass (tiling.batch windows), so 16 instances cost the memory of a few requests, not of 16.
         step = len(resized) if batch.groups is None else max(len(batch.groups), self.config.tiling.batch)
@@ -398,6 +415,23 @@ class Segmenter:
         output = tiling.sliding_window(image, self.forward, config.tile_size, config.tiling.overlap,
                                        config.tiling.batch, config.mean, config.std, to_output, self.device)
         return output if plan.output == PROBS else MaskSet.unpack(output)
+
+    def _volume_output(self, plan: Plan, inputs: torch.Tensor, source: Any) -> list[np.ndarray]:
+        """A 3-D model over the volume by MONAI's sliding window (Gaussian-weighted overlaps), the head deciding
+        each voxel's label; answered as the per-slice labels the NIfTI encoder takes."""
+        from monai.inferers import sliding_window_inference
+
+        config = self.config
+        with torch.inference_mode():  # its blending updates forward's (inference) outputs in place
+            logits = sliding_window_inference(inputs, config.volume_roi, config.tiling.batch, self.forward,
+                                              overlap=config.tiling.overlap, mode="gaussian",
+                                              sw_device=self.device, device=torch.device("cpu"))[0]
+        channels, depth, height, width = logits.shape
+        # decide works on (C, h, w): the volume's voxels as one (D, H*W) plane, at its own size (no resizing).
+        decided = heads.decide(self.head, logits.reshape(channels, depth, height * width).float(), depth,
+                               height * width, plan.options.post.threshold, config.postprocess.ignore_label)
+        labels = decided if decided.ndim == 2 else decided[0]  # an overlapping head's labels, not its layers
+        return source.slices_of(labels.reshape(depth, height, width))
 
     # -- 3. answer: encode ----------------------------------------------------------------------
     def answer(self, batch: Batch) -> list[Response]:
@@ -480,6 +514,11 @@ class Segmenter:
             error = InternalError(stage.internal)
             error.__cause__ = exc
             batch.fail(index, error, _answer(error, respond))
+
+
+def _memory_format(config: ServingConfig) -> torch.memory_format:
+    """Channels last for images (NHWC), or for a 3-D model's volumes (NDHWC)."""
+    return torch.channels_last_3d if config.volume_roi is not None else torch.channels_last
 
 
 TRACEBACK_CHARS = 8000  # of an unexpected error's traceback in the log

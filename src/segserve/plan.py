@@ -29,9 +29,9 @@ from PIL import Image
 from . import decode, formats, medical, tiling, v2
 from .config import Limits, ServingConfig
 from .decode import ImageFile
-from .errors import BadRequest, InvalidOption, LimitExceeded, shown
+from .errors import BadRequest, InvalidOption, LimitExceeded, NotAcceptable, UnprocessableEntity, shown
 from .formats import Format
-from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess
+from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess, raw_options
 from .tiling import should_tile
 from .v2 import V2Request
 
@@ -61,6 +61,7 @@ class Plan:
     v2: V2Request | None = None  # a v2 request: how to answer it in v2 form
     medical: str | None = None  # DICOM or NIfTI input (segserve.medical): its frames are windowed images
     frames: int = 1  # model inputs of the request: a multi-frame DICOM's frames, a NIfTI volume's slices
+    volume: bool = False  # a NIfTI volume for a 3-D model: one input, segmented by a 3-D sliding window
 
     @property
     def protocol(self) -> str:
@@ -85,6 +86,8 @@ class Planner:
              is_v2: bool) -> tuple[Plan, Source]:
         """The request's plan and where its pixels come from; RequestError if it cannot be answered."""
         check_fields(inputs, self.config.limits)
+        if is_v2 and self.config.volume_roi is not None:
+            raise UnprocessableEntity(VOLUMES_ONLY + " to /predictions (v2 carries 2-D images)")
         if is_v2:
             request, source = v2.parse(inputs, headers, self.config)
             decoded = isinstance(source, Image.Image)
@@ -100,6 +103,8 @@ class Planner:
         entry = formats.get(options.format)
         data = decode.extract_image_bytes(inputs, content_types(headers))
         kind = medical.sniff(data, declared_type(inputs, headers))
+        if self.config.volume_roi is not None:
+            return self._plan_volume(index, request_id, kind, data, options, entry, raw_options(inputs))
         if kind is not None or entry.needs_source is not None:
             return self._plan_medical(index, request_id, kind, data, options, entry)
         if options.medical_given:
@@ -154,6 +159,25 @@ class Planner:
         return Plan(index, request_id, width, height, tiled=tiled, decoder=PILLOW, reduce=False,
                     output=PROBS if entry.needs_probs else MASK, keep_image=entry.needs_image, format=entry,
                     options=options, medical=kind, frames=frames), source
+
+    def _plan_volume(self, index: int, request_id: str | None, kind: str | None, data: bytes, options: Options,
+                     entry: Format, fields: dict[str, Any]) -> tuple[Plan, Source]:
+        """A 3-D model's request: a NIfTI volume, answered as a NIfTI label volume (the only format for it)."""
+        shaping = [key for key in (*VOXEL_FREE_OPTIONS, "tile") if fields.get(key) not in (None, "")]
+        if shaping:
+            raise InvalidOption(f"{', '.join(shaping)} apply to 2-D images and masks; a 3-D model runs its own "
+                                "sliding window over the volume and answers each voxel's label: drop them")
+        if kind != medical.NIFTI:
+            got = "a DICOM object" if kind == medical.DICOM else "not a NIfTI volume"
+            raise UnprocessableEntity(f"{VOLUMES_ONLY}; this body is {got}")
+        if entry.needs_source != medical.NIFTI:
+            names = ", ".join(name for name, f in formats.REGISTRY.items() if f.needs_source == medical.NIFTI)
+            raise NotAcceptable(f"format={entry.name} answers 2-D images; this 3-D model answers a volume with its "
+                                f"label volume: ask for format={names}")
+        source = medical.open_source(kind, data, self.config, options)  # its memory checked from the header
+        return Plan(index, request_id, source.width, source.height, tiled=False, decoder=PILLOW, reduce=False,
+                    output=MASK, keep_image=False, format=entry, options=options, medical=kind,
+                    frames=source.frames, volume=True), source
 
     def check_windows(self, width: int, height: int, tile: str) -> None:
         """Refuse (413) a tiled request over max_windows: a thin image needs a window per few rows."""
@@ -228,6 +252,12 @@ def frames_memory(config: ServingConfig, width: int, height: int, frames: int, e
     model_pixels = config.input_size[0] * config.input_size[1]
     output = PROB_BYTES * classes if entry is not None and entry.needs_probs else MASK_BYTES
     return frames * (model_pixels * 4 * (3 + config.num_classes) + width * height * (IMAGE_BYTES + output))
+
+
+# Request options a 3-D model's label volume has no use for (threshold, classes, window and axis it takes).
+VOXEL_FREE_OPTIONS = ("smooth", "smooth_method", "fill_holes", "min_area", "instance_mask")
+VOLUMES_ONLY = ("this model segments 3-D volumes: send a NIfTI volume (.nii or .nii.gz) and ask for format=nifti, "
+                "its label volume")
 
 
 def declared_type(inputs: dict[str, Any], headers: dict[str, Any]) -> str:

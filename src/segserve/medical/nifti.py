@@ -32,6 +32,13 @@ SLICE_BYTES = 5  # per pixel of a slice: its 8-bit and RGB images
 INTENT_LABEL = 1002  # NIFTI_INTENT_LABEL: voxel values are indices into a list of labels
 
 
+def volume_bytes(config: ServingConfig) -> int:
+    """Bytes per voxel a 3-D model's request holds at its peak: the float32 volume and its windowed copy, the
+    model input (float32 per input channel), sliding_window_inference's output and weight map (float32 per output
+    channel, and one), the labels and the answer's copies of them."""
+    return VOLUME_BYTES + 1 + 4 * config.input_shape[0] + 4 * (config.out_channels + 1) + 5
+
+
 class NiftiSource:
     """One NIfTI volume opened and checked (the constructor refuses what cannot be answered)."""
 
@@ -90,6 +97,12 @@ class NiftiSource:
         if voxels > limits.max_pixels:
             raise ImageTooLarge(f"the NIfTI volume {'x'.join(map(str, shape))} is {voxels} voxels; the limit is "
                                 f"{limits.max_pixels} (max_pixels, the whole volume): send a smaller volume")
+        if config.volume_roi is not None and voxels * volume_bytes(config) > limits.max_request_memory:
+            need = voxels * volume_bytes(config)
+            raise LimitExceeded(f"segmenting this {'x'.join(map(str, shape))} volume with the 3-D model would need "
+                                f"about {need // 1_000_000} MB of memory; the limit is "
+                                f"{limits.max_request_memory // 1_000_000} MB (max_request_memory): send a smaller "
+                                "volume")
         if offset < header_bytes:
             raise UnprocessableImage(f"the NIfTI header's vox_offset {offset} is inside the header: fix the header")
         need = offset + voxels * dtype.itemsize
@@ -115,17 +128,32 @@ class NiftiSource:
         except Exception as exc:  # noqa: BLE001 - nibabel's reader failing on what its header promised
             raise InvalidImage(f"the NIfTI voxels could not be read ({type(exc).__name__})") from None
 
+    def _window_of(self, volume: np.ndarray) -> tuple[Window, str]:
+        """The request's window or the model's preset; else the file's own cal_min..cal_max, else its range."""
+        if isinstance(self._window, Window):
+            return self._window, LINEAR
+        low, high = float(self.header["cal_min"]), float(self.header["cal_max"])
+        if not (np.isfinite(low) and np.isfinite(high) and high > low):
+            low, high = float(volume.min()), float(volume.max())
+        return range_window(low, high), LINEAR_EXACT
+
+    def windowed(self) -> np.ndarray:
+        """The volume through its window, uint8 grey levels in its stored (i, j, k) order: a 3-D model's input."""
+        volume = self.volume()
+        window, function = self._window_of(volume)
+        return np.stack([apply_window(piece, window, function) for piece in volume])  # a slice's float64 at a time
+
     def images(self) -> list[Image.Image]:
         volume = self.volume()
-        window, function = self._window, LINEAR
-        if not isinstance(window, Window):
-            low, high = float(self.header["cal_min"]), float(self.header["cal_max"])
-            if not (np.isfinite(low) and np.isfinite(high) and high > low):
-                low, high = float(volume.min()), float(volume.max())
-            window, function = range_window(low, high), LINEAR_EXACT
+        window, function = self._window_of(volume)
         # (slices, first axis left, second axis left) -> each slice transposed: rows along the second.
         cut = np.moveaxis(volume, self.axis, 0)
         return [Image.fromarray(apply_window(piece.T, window, function)).convert("RGB") for piece in cut]
+
+    def slices_of(self, labels: np.ndarray) -> list[np.ndarray]:
+        """An (i, j, k) label volume as the per-slice (H, W) labels `answer` takes (the inverse of labels_volume)."""
+        return [piece.T for piece in np.moveaxis(labels, self.axis, 0)]
+
 
     def labels_volume(self, labels: list[np.ndarray]) -> np.ndarray:
         """Per-slice (H, W) labels -> the volume's (i, j, k) shape, the inverse of `images`' cut."""

@@ -34,7 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 from .. import families, heads
-from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, whole_number
+from ..config import ConfigError, ServingConfig, boolean, check_keys, choice, input_shape, whole_number
 from ..families import MissingDependencyError, Suggested, build_model, load_state_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # segserve/
@@ -163,25 +163,26 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
 def check_output(model: torch.nn.Module, config: ServingConfig) -> None:
     """One forward pass of the adapted model (families.adapt, as the worker runs it) on a zero image:
     raise BuildError unless it gives (N, channels, H, W) logits, the channels the head needs for the classes."""
-    channels = output_channels(model, config.input_size)
+    channels = output_channels(model, config.input_shape)
     if channels != config.out_channels:
         raise BuildError(f"the model outputs {channels} channel(s) but its {config.head} head with "
                          f"{config.num_classes} classes ({', '.join(config.class_names)}) needs "
                          f"{config.out_channels}")
 
 
-def output_channels(model: torch.nn.Module, input_size: tuple[int, int]) -> int:
-    """The channels of the adapted model's (N, C, H, W) logits on a zero image; BuildError if it cannot run."""
-    height, width = input_size
+def output_channels(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """The channels of the adapted model's (N, C, H, W) logits (a 3-D model's (N, C, D, H, W)) on a zero input of
+    `shape` (ServingConfig.input_shape); BuildError if it cannot run."""
     try:
         with torch.inference_mode():
-            output = model.eval()(torch.zeros(1, 3, height, width))
+            output = model.eval()(torch.zeros(1, *shape))
     except Exception as exc:  # noqa: BLE001 - a model that cannot run is a build error, said plainly
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise BuildError(f"the model's forward pass failed on a (1, 3, {height}, {width}) input: {first}") from None
-    if not isinstance(output, torch.Tensor) or output.dim() != 4:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise BuildError(f"the model outputs {shape}: expected (N, channels, H, W) logits")
+        raise BuildError(f"the model's forward pass failed on a {(1, *shape)} input: {first}") from None
+    if not isinstance(output, torch.Tensor) or output.dim() != len(shape) + 1:
+        shown = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        expected = "(N, channels, D, H, W)" if len(shape) == 4 else "(N, channels, H, W)"
+        raise BuildError(f"the model outputs {shown}: expected {expected} logits")
     return int(output.shape[1])
 
 
@@ -436,6 +437,11 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     arch = arch or base.arch
     if arch_params is None:
         arch_params = dict(base.arch_params)
+    size = input_size or base.volume_roi or base.input_size
+    if (arch_params.get("spatial_dims", 2) == 3) != (len(size) == 3):
+        raise BuildError(f"spatial_dims={arch_params.get('spatial_dims', 2)} and the input size "
+                         f"{'x'.join(map(str, size))} disagree: a 3-D model (--arch-param spatial_dims=3) takes its "
+                         "sliding window as --input-size DEPTHxHEIGHTxWIDTH (e.g. 32x64x64), a 2-D one HEIGHTxWIDTH")
     requested = head or _base_head(config_path)
     names = classes if classes is not None else [c.to_dict() for c in base.classes]
     export_path.mkdir(parents=True, exist_ok=True)
@@ -461,7 +467,7 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
                 raise BuildError(f"cannot build {arch} with arch_params {_shown(arch_params)}: {exc}"
                                  f"{_extra_hint(family, exc)}") from None
             # The channels the forward pass gives, whatever the build was told (a model file may fix its own).
-            channels = output_channels(model, tuple(input_size or base.input_size))
+            channels = output_channels(model, input_shape(size, arch_params))
             chosen, names = choose_head(names, requested, defaults.head, channels)
             doc = make_config(config_path, name=name, version=version, arch=arch, arch_params=arch_params,
                               weights=family.weights_file, requires=requires or None, classes=names, size=input_size,
@@ -560,8 +566,9 @@ def _size(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, e.g. 520 or 480x640, got {text!r}") from None
     if len(values) == 1:
         values *= 2
-    if len(values) != 2 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
+    if len(values) not in (2, 3) or min(values) <= 0:  # 3: a 3-D model's DEPTHxHEIGHTxWIDTH window
+        raise argparse.ArgumentTypeError(f"expected SIZE, HEIGHTxWIDTH or (3-D models) DEPTHxHEIGHTxWIDTH, "
+                                         f"got {text!r}")
     return values
 
 
@@ -625,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                              "channel: --classes lesion or background,lesion) or multilabel (a sigmoid channel per "
                              "class after the background; classes may overlap). Default: detected from the model's "
                              "output channels and the class list")
-    parser.add_argument("--input-size", type=_size, default=None, help="model input, SIZE or HEIGHTxWIDTH")
+    parser.add_argument("--input-size", type=_size, default=None,
+                        help="model input, SIZE or HEIGHTxWIDTH (3-D models: DEPTHxHEIGHTxWIDTH)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
                         help="batching for the device: cpu (model-config.yaml's batchSize 4, maxBatchDelay 5) or "
                              "gpu (batchSize 32, maxBatchDelay 10, 16 tiled windows per pass)")
@@ -667,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServingConfig.from_dict(yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"])
     print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch} "
           f"({families.family_of(config.arch).name}), {config.head} head, {config.num_classes} classes "
-          f"({', '.join(config.class_names)}), input {config.input_size[0]}x{config.input_size[1]}")
+          f"({', '.join(config.class_names)}), input {'x'.join(map(str, config.volume_roi or config.input_size))}")
     return 0
 
 
