@@ -667,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = tuned_config(work, {"minWorkers": args.workers, "maxWorkers": args.workers,
                                           "batchSize": args.batch_size, "maxBatchDelay": args.batch_delay,
                                           "threads": args.threads})
+        config_text = config_path.read_text()  # the served archives' TorchServe settings, for the report
         workloads = []
         if "segmenter" in names:
             workloads.append(default_workload(store, config_path, args.images))
@@ -744,7 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     recorded = {k: str(v.resolve().relative_to(REPO) if isinstance(v, Path) and v.resolve().is_relative_to(REPO) else v)
                 for k, v in vars(args).items()}  # no machine path in a report that may be committed
-    report = {"machine": machine(), "args": recorded,
+    import yaml
+
+    served = yaml.safe_load(config_text)
+    settings = {key: served.get(key) for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")}
+    settings["threads"] = (served["handler"].get("runtime") or {}).get("threads", 0)  # 0: torch's default
+    report = {"machine": machine(), "args": recorded, "settings": settings,
               "workloads": {w.name: w.description for w in workloads},
               "results": [asdict(r) for r in results], "ratios": rows, "litserve_agreement": agreement}
     json_path = args.out / f"{args.name}.json"
