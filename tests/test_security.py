@@ -35,9 +35,11 @@ def listening(pid: int) -> list[tuple[str, int]]:
     """(address, port) of every TCP socket TorchServe's processes (frontend and workers) listen on."""
     found = []
     for process in process_tree(pid):
-        for conn in process.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN:
-                found.append((conn.laddr.ip, conn.laddr.port))
+        try:
+            connections = process.net_connections(kind="inet")
+        except psutil.NoSuchProcess:  # a short-lived child (TorchServe's minutely metrics collector) ended
+            continue
+        found += [(conn.laddr.ip, conn.laddr.port) for conn in connections if conn.status == psutil.CONN_LISTEN]
     return found
 
 
