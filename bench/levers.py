@@ -36,30 +36,22 @@ from segserve.tools.server import TorchServe, free_ports  # noqa: E402
 # TorchServe's logging (its log4j2.xml, in model-server.jar) writes the frontend's debug lines for every
 # request twice (ts_log.log and, through the root logger, stdout) and every line a worker prints. This one
 # keeps the access log and warnings.
-QUIET_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
-<Configuration>
-  <Appenders>
-    <RollingFile name="access_log" fileName="${env:LOG_LOCATION:-logs}/access_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/access_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-    </RollingFile>
-    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-    </RollingFile>
-    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-    </RollingFile>
-    <RollingFile name="metrics" fileName="${env:METRICS_LOCATION:-logs}/model_metrics.log"
-                 filePattern="${env:METRICS_LOCATION:-logs}/model_metrics.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-    </RollingFile>
-  </Appenders>
+SHORT, LONG = "%d{ISO8601} - %m%n", "%d{ISO8601} [%-5p] %t %c - %m%n"  # TorchServe's two line layouts
+
+
+def _appender(name: str, file: str, layout: str, folder: str = "LOG_LOCATION") -> str:
+    where = f"${{env:{folder}:-logs}}/{file}"
+    return (f'    <RollingFile name="{name}" fileName="{where}.log" filePattern="{where}.%d{{dd-MMM}}.log.gz">\n'
+            f'      <PatternLayout pattern="{layout}"/>\n'
+            '      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>\n'
+            '    </RollingFile>\n')
+
+
+QUIET_LOG4J2 = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n  <Appenders>\n'
+    + _appender("access_log", "access_log", SHORT) + _appender("ts_log", "ts_log", LONG)
+    + _appender("model_log", "model_log", LONG) + _appender("metrics", "model_metrics", SHORT, "METRICS_LOCATION")
+    + """  </Appenders>
   <Loggers>
     <Logger name="ACCESS_LOG" level="info" additivity="false"><AppenderRef ref="access_log"/></Logger>
     <Logger name="io.netty" level="error"/>
@@ -71,7 +63,7 @@ QUIET_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
     <Root level="warn"><AppenderRef ref="ts_log"/></Root>
   </Loggers>
 </Configuration>
-"""
+""")
 
 
 @dataclass(frozen=True)
