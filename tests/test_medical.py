@@ -30,6 +30,7 @@ from test_docs import examples
 
 from segserve.config import ConfigError, ServingConfig
 from segserve.medical import open_source
+from segserve.metrics import PIXELS
 from segserve.options import Options
 from segserve.pipeline import Segmenter
 from segserve.tools.build import build
@@ -188,13 +189,15 @@ def test_a_multi_frame_dicom_answers_every_frame_and_only_volume_formats(handler
     png = answer(handler, data, "png")
     assert png.status == 400 and "3 frames" in json.loads(png.body)["message"]
     assert "dicom-seg" in json.loads(png.body)["message"]
+    seen = len(handler.context.metrics.named(PIXELS))
     slices = answer(handler, data, "slices")
     assert slices.content_type == "application/zip"
+    source = pydicom.dcmread(io.BytesIO(data))
+    assert [m.value for m in handler.context.metrics.named(PIXELS)[seen:]] == [3 * source.Rows * source.Columns]
     with zipfile.ZipFile(io.BytesIO(slices.body)) as archive:
         names = archive.namelist()
         masks = [mask_of(archive.read(name)) for name in names]
     assert names == ["slice_0000.png", "slice_0001.png", "slice_0002.png"]
-    source = pydicom.dcmread(io.BytesIO(data))
     seg = read_seg(answer(handler, data, "dicom-seg").body)
     assert np.array_equal(seg_labels(seg, source, 3), np.stack(masks))
 

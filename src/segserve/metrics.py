@@ -11,7 +11,8 @@ Series, each also labelled ModelName, Level and Hostname by TorchServe:
   encode are observed once per request; forward once per batch (one pass for the batch's resized images,
   and their masks or probabilities at each image's size) and once per tiled image (its windows, blended
   into its mask or probabilities). Failed requests are timed too.
-- segserve_images_total, segserve_pixels_total: counters of images answered with 200 and their pixels.
+- segserve_images_total, segserve_pixels_total: counters of images answered with 200 and their pixels (a multi-frame
+  DICOM or a NIfTI volume is one image whose pixels are all its frames' or slices').
 - segserve_errors_total{type=..., status=...}: counter of refused or failed requests by error type.
 - segserve_decoder_fallbacks_total: counter of JPEGs the batched decoder (nvJPEG on a GPU) failed on as a
   batch, each then decoded by Pillow. One bad JPEG in a batch adds the batch's size; a steady rise with no
@@ -69,9 +70,9 @@ class Metrics:
         finally:
             self._emit(STAGE_SECONDS, time.perf_counter() - start, "histogram", {"stage": stage}, index)
 
-    def answered(self, width: int, height: int, index: int | None = None) -> None:
+    def answered(self, width: int, height: int, index: int | None = None, frames: int = 1) -> None:
         self._emit(IMAGES, 1, "counter", {}, index)
-        self._emit(PIXELS, width * height, "counter", {}, index)
+        self._emit(PIXELS, width * height * frames, "counter", {}, index)
 
     def failed(self, error_type: str, status: int, index: int | None = None) -> None:
         self._emit(ERRORS, 1, "counter", {"type": error_type, "status": str(status)}, index)

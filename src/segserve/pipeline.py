@@ -442,7 +442,7 @@ class Segmenter:
                     batch.answers[plan.index] = self._encode(plan, batch.outputs.pop(plan.index),
                                                              batch.images.pop(plan.index, None),
                                                              batch.sources.pop(plan.index, None))
-                self.metrics.answered(plan.width, plan.height, plan.index)
+                self.metrics.answered(plan.width, plan.height, plan.index, plan.frames)
         responses = batch.responses()
         for index, response in enumerate(responses):
             if response.status >= 400:
