@@ -7,15 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
-from email.parser import BytesParser
-from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from support.http_fakes import Answering, form_fields, loopback, serving
 
 from segserve.client import __version__
 from segserve.client import cli as cli_module
@@ -33,7 +30,7 @@ def _png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class Segmenting(BaseHTTPRequestHandler):
+class Segmenting(Answering):
     """POST /predictions/<model>[/<version>]: png or json of (gray > 127), invalid_image for what Pillow cannot
     read, invalid_option for a format other than png/json/overlay. GET /models...: a TorchServe-like describe."""
 
@@ -41,53 +38,38 @@ class Segmenting(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         type(self).paths.append(self.path)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        raw = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body
-        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
-                 for p in BytesParser(policy=HTTP).parsebytes(raw).iter_parts()}
+        fields = form_fields(self.headers["Content-Type"], self.read_body())
+        parts = {name: content for name, (_, content) in fields.items()}
         asked = parts.get("format", b"png").decode()
         if asked not in ("png", "json", "overlay"):
-            return self._json(400, {"code": 400, "type": "invalid_option",
-                                    "message": f"format={asked!r} is not supported; use one of: json, overlay, png"})
+            refusal = f"format={asked!r} is not supported; use one of: json, overlay, png"
+            return self.send_json(400, {"code": 400, "type": "invalid_option", "message": refusal})
         try:
             image = Image.open(io.BytesIO(parts["data"])).convert("L")
         except OSError:
-            return self._json(400, {"code": 400, "type": "invalid_image", "message": "cannot decode the image"})
+            return self.send_json(400, {"code": 400, "type": "invalid_image", "message": "cannot decode the image"})
         mask = (np.asarray(image) > 127).astype(np.uint8)
         if asked == "png":
-            return self._send(200, "image/png", _png(mask))
+            return self.send_body(200, "image/png", _png(mask))
         if asked == "overlay":
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG")
-            return self._send(200, "image/jpeg", buffer.getvalue())
+            return self.send_body(200, "image/jpeg", buffer.getvalue())
         classes = [{"id": c["id"], "name": c["name"], "pixels": int((mask == c["id"]).sum()),
                     "fraction": float((mask == c["id"]).mean())} for c in CLASSES]
-        self._json(200, {"width": mask.shape[1], "height": mask.shape[0], "classes": classes,
-                         "mask_format": "png;base64"})
+        self.send_json(200, {"width": mask.shape[1], "height": mask.shape[0], "classes": classes,
+                             "mask_format": "png;base64"})
 
     def do_GET(self):  # noqa: N802
         if self.path.startswith("/models?"):
-            return self._json(200, {"models": [{"modelName": "segmenter", "modelUrl": "segmenter.mar"}]})
+            return self.send_json(200, {"models": [{"modelName": "segmenter", "modelUrl": "segmenter.mar"}]})
         if self.path.startswith("/models/segmenter"):
             described = {"modelName": "segmenter", "modelVersion": "1.0", "batchSize": 4,
                          "workers": [{"id": "9000", "status": "READY"}]}
             if "customized=true" in self.path and "/all" not in self.path:  # as TorchServe: one version at a time
                 described["customizedMetadata"] = json.dumps({"head": "softmax", "classes": CLASSES})
-            return self._json(200, [described])
-        self._json(404, {"code": 404, "type": "ResourceNotFoundException", "message": "not found"})
-
-    def _json(self, status, doc):
-        self._send(status, "application/json", json.dumps(doc).encode())
-
-    def _send(self, status, media, payload):
-        self.send_response(status)
-        self.send_header("Content-Type", media)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+            return self.send_json(200, [described])
+        self.send_json(404, {"code": 404, "type": "ResourceNotFoundException", "message": "not found"})
 
 
 @pytest.fixture()
@@ -97,13 +79,8 @@ def fake(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     Segmenting.paths = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Segmenting)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_port}"
-    yield ["--url", url, "--token", "t", "--management-url", url, "--management-token", "m", "--no-progress"]
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(loopback(Segmenting)) as url:
+        yield ["--url", url, "--token", "t", "--management-url", url, "--management-token", "m", "--no-progress"]
 
 
 def picture(path: Path, seed: int, size=(20, 30)) -> Path:

@@ -9,15 +9,13 @@ import io
 import json
 import threading
 import time
-from email.parser import BytesParser
-from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 from support import encode_image
+from support.http_fakes import Answering, form_fields, loopback, serving
 
 from segserve.client import (
     FormatError,
@@ -484,7 +482,7 @@ def test_the_async_client_bounds_concurrency_and_yields_every_result(no_env):
     assert [type(r).__name__ for r in many if not isinstance(r, Prediction)] == ["InputTypeError"]
 
 
-class Flaky(BaseHTTPRequestHandler):
+class Flaky(Answering):
     """A real HTTP server: 503 for the first `failures` requests, then a 3x2 PNG; remembers the last request.
     Like segserve, it refuses a format it lacks (its only one: png) with 400 invalid_option, naming its list."""
 
@@ -494,44 +492,26 @@ class Flaky(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         type(self).calls += 1
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).last = {"path": self.path, "headers": dict(self.headers), "body": body}
+        type(self).last = {"path": self.path, "headers": dict(self.headers), "body": self.read_body()}
         asked = _form(type(self).last).get("format", (None, b"png"))[1]
         if type(self).calls <= type(self).failures:
-            payload, status, ctype = b'{"code": 503, "type": "ServiceUnavailable", "message": "busy"}', 503, \
-                "application/json"
-        elif asked != b"png":
-            payload, status, ctype = json.dumps({"code": 400, "type": "invalid_option", "message": (
-                f"format={asked.decode()!r} is not supported; use one of: png")}).encode(), 400, "application/json"
-        else:
-            payload, status, ctype = png_bytes(3, 2), 200, "image/png"
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+            return self.send_json(503, {"code": 503, "type": "ServiceUnavailable", "message": "busy"})
+        if asked != b"png":
+            return self.send_json(400, {"code": 400, "type": "invalid_option",
+                                        "message": f"format={asked.decode()!r} is not supported; use one of: png"})
+        self.send_body(200, "image/png", png_bytes(3, 2))
 
 
 @pytest.fixture()
 def flaky_server():
     Flaky.calls, Flaky.failures = 0, 2
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(loopback(Flaky)) as url:
+        yield url
 
 
 def _form(request: dict) -> dict:
     """The multipart body's parts, by field name: (filename, content)."""
-    raw = f"Content-Type: {request['headers']['Content-Type']}\r\n\r\n".encode() + request["body"]
-    message = BytesParser(policy=HTTP).parsebytes(raw)
-    return {part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
-            for part in message.iter_parts()}
+    return form_fields(request["headers"]["Content-Type"], request["body"])
 
 
 def test_retries_over_real_http_and_sends_a_multipart_form(no_env, flaky_server):

@@ -16,15 +16,14 @@ import io
 import json
 import os
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 from support import MODEL, REPO
+from support.http_fakes import Answering, loopback, serving
 
 from segserve.client import SegservClient
 from segserve.client.cli import parser
@@ -37,7 +36,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-class Upstream(BaseHTTPRequestHandler):
+class Upstream(Answering):
     """Records each request; answers 200 with a body naming what it got."""
 
     seen: list[dict] = []
@@ -45,27 +44,13 @@ class Upstream(BaseHTTPRequestHandler):
     def _answer(self, body: bytes | None):
         type(self).seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
                                 "body": body})
-        payload = json.dumps({"got": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self.send_json(200, {"got": self.path})
 
     def do_POST(self):  # noqa: N802 - http.server's naming
-        self._answer(self.rfile.read(int(self.headers["Content-Length"])))
+        self._answer(self.read_body())
 
     def do_GET(self):  # noqa: N802
         self._answer(None)
-
-    def log_message(self, *args):
-        pass
-
-
-def _serve(httpd: ThreadingHTTPServer) -> threading.Thread:
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture()
@@ -74,17 +59,12 @@ def page(tmp_path, monkeypatch):
     for name in ("SEGSERVE_URL", "SEGSERVE_TOKEN", "SEGSERVE_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     Upstream.seen = []
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    _serve(upstream)
     keys = tmp_path / "key_file.json"
     keys.write_text(json.dumps({"inference": {"key": "first"}, "management": {"key": "m"}}))
-    client = SegservClient(f"http://127.0.0.1:{upstream.server_port}", key_file=keys)
-    server = make_server(client, port=0, key_file=str(keys), quiet=True)
-    _serve(server)
-    yield server, keys
-    for httpd in (server, upstream):
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(loopback(Upstream)) as upstream_url:
+        server = make_server(SegservClient(upstream_url, key_file=keys), port=0, key_file=str(keys), quiet=True)
+        with serving(server):
+            yield server, keys
 
 
 def test_the_page_and_its_settings_are_served(page):
@@ -133,13 +113,9 @@ def test_other_sites_cannot_use_the_relay(page):
 def test_an_unreachable_torchserve_is_a_clear_error(tmp_path):
     client = SegservClient(f"http://127.0.0.1:{free_ports('x')['x']}", token="t", retries=0)
     server = make_server(client, port=0, quiet=True)
-    _serve(server)
-    try:
+    with serving(server):
         answer = requests.post(server.origin + "/predictions/segmenter", data=b"x", timeout=30)
-        assert answer.status_code == 502 and "is TorchServe running" in answer.json()["message"]
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert answer.status_code == 502 and "is TorchServe running" in answer.json()["message"]
 
 
 def test_the_default_port_is_the_origin_make_serve_allows():
@@ -249,13 +225,11 @@ def test_the_page_relayed_to_torchserve_with_token_auth(server, tmp_path):
     driver = _browser()
     client = SegservClient(server.inference_url, key_file=server.workdir / "key_file.json")
     page = make_server(client, port=0, key_file=str(server.workdir / "key_file.json"), quiet=True)
-    _serve(page)
-    try:
-        _check_the_page(driver, page.origin, client, tmp_path, os.environ.get("SEGSERVE_UI_SCREENSHOT"))
-    finally:
-        driver.quit()
-        page.shutdown()
-        page.server_close()
+    with serving(page):
+        try:
+            _check_the_page(driver, page.origin, client, tmp_path, os.environ.get("SEGSERVE_UI_SCREENSHOT"))
+        finally:
+            driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -296,12 +270,10 @@ def test_the_page_direct_to_torchserve_through_cors(open_server, tmp_path):
     ts, page_port = open_server
     client = SegservClient(ts.inference_url, token=None, key_file=None)
     page = make_server(client, port=page_port, direct=True, quiet=True)
-    _serve(page)
-    try:
-        assert requests.get(page.origin + "/config.json", timeout=10).json()["predict_url"] == (
-            f"{ts.inference_url}/predictions/{MODEL}")
-        _check_the_page(driver, page.origin, client, tmp_path)
-    finally:
-        driver.quit()
-        page.shutdown()
-        page.server_close()
+    with serving(page):
+        try:
+            assert requests.get(page.origin + "/config.json", timeout=10).json()["predict_url"] == (
+                f"{ts.inference_url}/predictions/{MODEL}")
+            _check_the_page(driver, page.origin, client, tmp_path)
+        finally:
+            driver.quit()
