@@ -2,8 +2,9 @@
 
 * The module map (docs/architecture-modules.png): the imports of handler/segmenter_handler.py and of every
   module under src/segserve/ (read with ast: absolute and relative `segserve` imports, those inside
-  functions too), drawn in three zones: the worker (the handler and src/segserve/*.py: what the .mar
-  ships), tools (src/segserve/tools/) and client (src/segserve/client/).
+  functions too), drawn in three zones: the worker (the handler and src/segserve/ less tools/ and
+  client/: what the .mar ships, medical/ as medical/*.py boxes), tools (src/segserve/tools/) and client
+  (src/segserve/client/).
 * The boundary: no worker module imports segserve.tools or segserve.client, and the client imports no
   worker module and neither torch, torchvision nor TorchServe, not even through a tools module. A break
   is drawn in red and makes this script exit 1.
@@ -66,7 +67,11 @@ class Module:
 
     @property
     def label(self) -> str:
-        return self.path.name
+        """Its path inside its zone's folder (medical/seg.py, ui/__init__.py): a subpackage reads as one."""
+        if self.path == HANDLER:
+            return self.path.name
+        package = Path("src") / PACKAGE
+        return self.path.relative_to(package if self.zone == WORKER else package / self.zone).as_posix()
 
     def internal(self, modules: dict[str, Module]) -> list[Import]:
         return [i for i in self.imports if i.target in modules]
@@ -226,7 +231,8 @@ def distributions(modules: Iterable[Module]) -> dict[str, dict[str, bool]]:
 # The worker on the left; the zones that are not shipped stacked on the right of it, in this order.
 SIDE_ZONES = (TOOLS, CLIENT)
 ZONE_STYLE = {  # fill of the zone, fill of its boxes, edge colour, title
-    WORKER: ("#eef4fb", "#d6e6f7", "#2f6db3", "worker: what the .mar ships (handler/ + src/segserve/*.py)"),
+    WORKER: ("#eef4fb", "#d6e6f7", "#2f6db3",
+             "worker: what the .mar ships (handler/ + src/segserve/ less tools/ and client/)"),
     TOOLS: ("#fdf3e7", "#fbe1c2", "#b86a12", "tools: src/segserve/tools/ (never shipped)"),
     CLIENT: ("#eef7ee", "#d3ecd3", "#2e7d32", "client: src/segserve/client/ (the base install)"),
 }

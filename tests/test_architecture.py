@@ -112,6 +112,14 @@ def test_imports_are_read_relative_absolute_and_inside_functions():
     assert {m.zone for m in modules.values()} == {"worker", "tools", "client"}
 
 
+def test_each_box_is_named_by_its_path_in_its_zone():
+    modules = architecture.discover(REPO)
+    labels = {(m.zone, m.label) for m in modules.values()}
+    assert len(labels) == len(modules)  # no two boxes of a zone read alike (there are three __init__.py)
+    assert {("worker", "medical/seg.py"), ("worker", "medical/__init__.py"), ("worker", "pipeline.py"),
+            ("worker", "segmenter_handler.py"), ("client", "ui/__init__.py"), ("tools", "build.py")} <= labels
+
+
 def test_this_repository_keeps_the_boundary():
     result = check(REPO)
     assert result.returncode == 0, result.stderr
