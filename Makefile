@@ -19,18 +19,20 @@ MAR_ARGS ?=
 
 # Options for segserve ui, e.g. make ui UI_ARGS="--port 8091 --open"
 UI_ARGS ?=
-# tests/test_ui.py drives Debian's chromium headless; `make test` installs it where it can (root with apt-get).
-# BROWSER_INSTALL=0 skips that (the browser tests then skip, saying so).
-BROWSER_INSTALL ?= 1
+# Debian packages some tests use: chromium + chromium-driver (tests/test_ui.py drives the page headless) and
+# dicom3tools (tests/test_medical.py validates the DICOM SEG with dciodvfy). `make test` installs the missing
+# ones where it can (root with apt-get); TEST_DEBS_INSTALL=0 skips that, and those tests skip, saying so.
+TEST_DEBS := chromium chromium-driver dicom3tools
+TEST_DEBS_INSTALL ?= 1
 
-.PHONY: help install serve stop status ui mar train evaluate test test-unit lint fixup figures bench bench-levers bench-scaling gpu-check bench-tiling soak clean kserve-layout image test-container browser
+.PHONY: help install serve stop status ui mar train evaluate test test-unit lint fixup figures bench bench-levers bench-scaling gpu-check bench-tiling soak clean kserve-layout image test-container test-debs
 
 help:
 	@echo "make serve      install, build the archive, start TorchServe, print an example request"
 	@echo "                (SEGSERVE_MODELS=all make serve loads every archive in model-store/)"
 	@echo "make stop       stop the server started by make serve"
 	@echo "make ui         a page to try the served model: http://127.0.0.1:8090 (drop an image, see the overlay)"
-	@echo "make test       run unit and integration tests (starts real TorchServe on free ports; installs Debian's chromium for the browser tests where it can)"
+	@echo "make test       run unit and integration tests (starts real TorchServe on free ports; installs Debian's chromium and dicom3tools for their tests where it can)"
 	@echo "make test-unit  only the tests that need no TorchServe"
 	@echo "make mar        build $(MAR); other models: make mar MAR_ARGS=\"--arch ... --weights ...\""
 	@echo "make train      retrain the default model into $(WEIGHTS) (~7 min on 2 cores)"
@@ -105,18 +107,19 @@ bench-tiling: $(STAMP)
 soak: $(STAMP)
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) test-debs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
-	elif [ "$(BROWSER_INSTALL)" != 1 ]; then echo "no chromium: tests/test_ui.py's browser tests will skip"; \
+test-debs:
+	@missing=""; for cmd in chromium chromedriver dciodvfy; do command -v $$cmd >/dev/null || missing=1; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$(TEST_DEBS_INSTALL)" != 1 ]; then echo "not installing $(TEST_DEBS): the tests that need them skip"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian's chromium and chromium-driver for tests/test_ui.py's browser tests"; \
-	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
-	    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
-	    || echo "could not install chromium (apt-get failed): tests/test_ui.py's browser tests will skip"; \
-	else echo "no chromium: tests/test_ui.py's browser tests will skip (sudo apt-get install chromium chromium-driver)"; fi
+	  echo "installing Debian's $(TEST_DEBS) for the browser and DICOM validator tests"; \
+	  apt-get install -y -q $(TEST_DEBS) >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(TEST_DEBS) >/dev/null 2>&1; } \
+	    || echo "could not install $(TEST_DEBS) (apt-get failed): the tests that need them skip"; \
+	else echo "the browser and DICOM validator tests skip without $(TEST_DEBS) (sudo apt-get install $(TEST_DEBS))"; fi
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -182,6 +183,31 @@ def test_the_seg_reads_back_equal_to_the_png_masks(handler, config, frames):
     # pydicom alone: one bit plane per frame and segment
     plain = pydicom.dcmread(io.BytesIO(reply.body))
     assert plain.pixel_array.reshape(-1, *expected.shape[1:]).shape[0] == frames * (config.num_classes - 1)
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """What David Clunie's DICOM validator (Debian's dicom3tools) finds against the standard's IODs."""
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="no dciodvfy on the PATH (Debian: apt-get install dicom3tools)")
+@pytest.mark.parametrize("fmt", ["dicom-seg", "dicom-seg-fractional"])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_the_seg_is_valid_by_the_standard_s_validator(handler, tmp_path, fmt, frames):
+    data, _ = scene_dicom(SEEDS[:frames])
+    reply = answer(handler, data, fmt)
+    assert reply.status == 200, reply.body
+    (tmp_path / "seg.dcm").write_bytes(reply.body)
+    assert dciodvfy(tmp_path / "seg.dcm") == []  # no error, not even a warning
+    # The validator does find a fault: the same SEG without its segments' description.
+    broken = pydicom.dcmread(io.BytesIO(reply.body))
+    del broken.SegmentSequence
+    broken.save_as(tmp_path / "broken.dcm")
+    assert any("SegmentSequence" in line for line in dciodvfy(tmp_path / "broken.dcm"))
 
 
 def test_a_multi_frame_dicom_answers_every_frame_and_only_volume_formats(handler):
