@@ -73,6 +73,8 @@ def scene_dicom(seeds: Sequence[int] = (0,), size: tuple[int, int] = (256, 256),
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "ACC123", "S1"
         ds.SeriesDate, ds.SeriesTime, ds.ContentDate, ds.ContentTime = "20260101", "120000", "20260101", "120000"
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, index + 1
+        # The CT Image IOD's type 2 and 2C attributes that dciodvfy asks for (present, possibly empty).
+        ds.Laterality, ds.PatientPosition, ds.AcquisitionNumber = "", "HFS", 1
         ds.Manufacturer, ds.KVP, ds.PositionReferenceIndicator = "segserve samples", 120, ""
         ds.add_new(0x00090010, "LO", "SAMPLE PRIVATE")  # a private block, which no answer may carry
         ds.add_new(0x00091001, "LO", patient_name)
@@ -96,6 +98,7 @@ def scene_dicom(seeds: Sequence[int] = (0,), size: tuple[int, int] = (256, 256),
                                             sop_instance_uid=generate_uid(), instance_number=1)
         ds.add_new(0x00090010, "LO", "SAMPLE PRIVATE")
         ds.add_new(0x00091001, "LO", patient_name)
+        ds.Laterality = ""  # the conversion drops it
         # The conversion orders the frames by position: the truth follows (seed i lies at z = 2 i).
         order = [round(float(group.PlanePositionSequence[0].ImagePositionPatient[2]) / 2.0)
                  for group in ds.PerFrameFunctionalGroupsSequence]
