@@ -20,7 +20,7 @@ import requests
 import torch
 import yaml
 from PIL import Image
-from support import MODEL_CONFIG, REPO, encode_image, random_image
+from support import MODEL_CONFIG, REPO, encode_image, random_image, torchserve
 from torch import nn
 
 from segserve import families
@@ -28,7 +28,7 @@ from segserve.config import ServingConfig
 from segserve.families import MissingDependencyError, build_model
 from segserve.tools.build import BuildError, build, main, parse_arch_params
 from segserve.tools.inprocess import Request, handle, load_handler
-from segserve.tools.server import TorchServe, free_ports
+from segserve.tools.server import free_ports
 
 CLASSES = ["background", "cell", "nucleus"]
 SIZE = [64, 64]
@@ -515,16 +515,9 @@ def zoo_archives(root):
 def family_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     archives = zoo_archives(root)
-    ts = TorchServe(workdir=root / "run", model_store=root / "store", base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=tuple(f"{name}={mar.name}" for name, mar in archives.items()))
-    ts.start()
-    try:
-        for name in archives:
-            ts.wait_ready(name, timeout=300)
+    with torchserve(root, root / "store", [f"{name}={mar.name}" for name, mar in archives.items()], list(archives),
+                    timeout=300) as ts:
         yield ts, archives, root
-    finally:
-        ts.stop()
 
 
 SERVED = ["smp-unet", "hf-segformer", "monai-unet", "export",

@@ -14,13 +14,12 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
-from support import MODEL_CONFIG, REPO, encode_image, random_image
+from support import MODEL_CONFIG, REPO, encode_image, random_image, torchserve
 
 from segserve import families
 from segserve.config import ServingConfig
 from segserve.families import TORCHVISION_ARCHS, build_model
 from segserve.tools.build import BuildError, build, main, read_state_dict
-from segserve.tools.server import TorchServe, free_ports
 
 CLASSES = ["background", "road", "car"]
 SMALL = [64, 64]
@@ -257,16 +256,9 @@ def zoo(tmp_path_factory):
     default_weights = REPO / "model" / "segmenter.safetensors"
     build("segmenter", MODEL_CONFIG, default_weights, store, version="1.0", archive_name="segmenter-1.0")
     build("segmenter", MODEL_CONFIG, default_weights, store, version="2.0", archive_name="segmenter-2.0")
-    ts = TorchServe(workdir=root / "run", model_store=store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=tuple(sorted(p.name for p in store.glob("*.mar"))))
-    ts.start()
-    try:
-        for name in (*TORCHVISION_ARCHS, "toy", "segmenter"):
-            ts.wait_ready(name, timeout=300)
+    with torchserve(root, store, sorted(p.name for p in store.glob("*.mar")),
+                    (*TORCHVISION_ARCHS, "toy", "segmenter"), timeout=300) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def predict(ts, path, image, **headers):

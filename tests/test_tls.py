@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import requests
-from support import MODEL, REPO, encode_image, random_image
+from support import MODEL, REPO, encode_image, random_image, torchserve
 
-from segserve.tools.server import ServerError, TorchServe, free_ports, tls_from_env
+from segserve.tools.server import ServerError, TorchServe, tls_from_env
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
@@ -29,15 +29,8 @@ def self_signed(directory) -> tuple:
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory, model_store):
     root = tmp_path_factory.mktemp("tls")
-    ts = TorchServe(workdir=root / "run", model_store=model_store, base_config=REPO / "config.properties",
-                    ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                    models=(f"{MODEL}={MODEL}.mar",), tls=self_signed(root))
-    ts.start()
-    try:
-        ts.wait_ready(MODEL, timeout=240)  # over HTTPS, verified
-        yield ts
-    finally:
-        ts.stop()
+    with torchserve(root, model_store, [f"{MODEL}={MODEL}.mar"], [MODEL], tls=self_signed(root)) as ts:
+        yield ts  # ready over HTTPS, verified
 
 
 @pytest.mark.integration
