@@ -84,16 +84,12 @@ def _client(args: argparse.Namespace, **extra) -> SegservClient:
 
 
 # -- predict ----------------------------------------------------------------------------------------------
-def plan_outputs(names: list[str], out: Path, saved_as: str) -> list[tuple[Path, Path]]:
-    """(image, output without suffix handling) per image found: folders are searched recursively and their
-    structure kept under `out`. Paths are relative to the one folder named, else to the deepest folder that
-    holds everything named; inputs that would share an output (x.png and x.jpg) get -2, -3, ... in sorted order.
-    Anything under `out` itself is not an input (a re-run over `.` must not segment its own masks)."""
-    return [(image, output) for image, output, _ in plan_images(names, out, saved_as)]
-
-
 def plan_images(names: list[str], out: Path, saved_as: str) -> list[tuple[Path, Path, str]]:
-    """plan_outputs' (image, output), and each image's path relative to that folder (a dataset's file name)."""
+    """(image, output without suffix handling, the image's path relative to its folder: a dataset's file name)
+    per image found: folders are searched recursively and their structure kept under `out`. Paths are relative
+    to the one folder named, else to the deepest folder that holds everything named; inputs that would share an
+    output (x.png and x.jpg) get -2, -3, ... in sorted order. Anything under `out` itself is not an input (a
+    re-run over `.` must not segment its own masks)."""
     resolved_out = out.resolve()
     found: list[tuple[Path, Path]] = []  # (image, the folder it is relative to)
     for name in names:
