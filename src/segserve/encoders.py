@@ -277,13 +277,12 @@ def polygons_response(masks: MaskSet | np.ndarray, config: ServingConfig,
                                 "to drop small regions")
         shapes = polygons(binary, vertices_left)
         vertices_left -= sum(len(ring) for shape in shapes for ring in shape)
-        box = bbox(binary)
-        pixels = int(binary.sum())
+        entry = class_entry(c, binary)
         feature = {"type": "Feature", "id": c.id,
-                   "properties": {"class_id": c.id, "class": c.name, "area": pixels,
-                                  "fraction": round(pixels / binary.size, 6)},
+                   "properties": {"class_id": c.id, "class": c.name, "area": entry["pixels"],
+                                  "fraction": entry["fraction"]},
                    "geometry": {"type": "MultiPolygon", "coordinates": shapes}}
-        if box is not None:  # GeoJSON's bbox: [min x, min y, max x, max y]
+        if (box := entry["bbox"]) is not None:  # GeoJSON's bbox: [min x, min y, max x, max y]
             feature["bbox"] = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
         features.append(feature)
     # The answer's head (model, size, ...) as GeoJSON "foreign members" beside type and features.
