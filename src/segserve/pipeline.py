@@ -456,10 +456,8 @@ class Segmenter:
         if isinstance(group, int):
             return responses[group]
         answers = [responses[slot] for slot in group]
-        status, body = v1.combine([(a.status, a.content_type, a.body) for a in answers], self.config.limits)
-        error_type = None
-        if status >= 400:  # the first failed instance's, else the put-together answer was too large
-            error_type = next((a.error_type for a in answers if a.status >= 400), "response_too_large")
+        status, body, error_type = v1.combine([(a.status, a.content_type, a.body) for a in answers],
+                                              self.config.limits)
         return Response(status, "application/json", body, error_type=error_type)
 
     def _encode(self, plan: Plan, output: MaskSet | np.ndarray | list, image: Image.Image | None,

@@ -79,17 +79,19 @@ def prediction(content_type: str, body: bytes) -> Any:
     return {"b64": base64.b64encode(body).decode("ascii"), "content_type": content_type}
 
 
-def combine(answers: list[tuple[int, str, bytes]], limits: Limits) -> tuple[int, bytes]:
-    """(status, body) of the v1 answer from each instance's (status, content type, body), in order."""
+def combine(answers: list[tuple[int, str, bytes]], limits: Limits) -> tuple[int, bytes, str | None]:
+    """(status, body, error type or None) of the v1 answer from each instance's (status, content type, body), in
+    order."""
     for index, (status, _, body) in enumerate(answers):
         if status >= 400:
             error = json.loads(body)  # segserve's own error body: {"code", "type", "message"}
-            return status, json.dumps({**error, "message": f"instances[{index}]: {error.get('message', '')}"}).encode()
+            message = f"instances[{index}]: {error.get('message', '')}"
+            return status, json.dumps({**error, "message": message}).encode(), error.get("type")
     combined = json.dumps({"predictions": [prediction(ct, body) for _, ct, body in answers]},
                           separators=(",", ":")).encode()
     if len(combined) > limits.max_response_bytes:
         error = ResponseTooLarge(f"the answers of these {len(answers)} instances came to {len(combined)} bytes; the "
                                  f"limit is {limits.max_response_bytes} (max_response_bytes): send fewer instances "
                                  "per request, or ask for format=png")
-        return error.status, json.dumps(error.to_dict()).encode()
-    return 200, combined
+        return error.status, json.dumps(error.to_dict()).encode(), error.type
+    return 200, combined, None
