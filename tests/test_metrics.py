@@ -61,6 +61,12 @@ def test_the_instances_of_a_v1_request_are_counted_under_its_own_slot(tmp_path):
     assert [r.status for r in replies] == [200, 200, 400]
     assert Counter(m.index for m in metrics.named(IMAGES)) == {0: 3, 1: 1, 2: 1}
     assert {m.index for m in metrics.named(ERRORS)} == {2}
+    # A v1 body refused whole, before any instance is a slot of its own, is counted under its request too.
+    replies = handle(served, [Request({"body": encode_image(random_image(7, 5))}),
+                              Request({"body": {"instances": []}}, json_body)])
+    assert [r.status for r in replies] == [200, 400]
+    refused = metrics.named(ERRORS)[1:]
+    assert [(m.index, m.dimensions["type"]) for m in refused] == [(1, "bad_request")], refused
 
 
 def test_the_instances_of_a_v1_request_go_through_forward_passes_of_bounded_size(tmp_path):

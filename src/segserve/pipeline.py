@@ -444,10 +444,14 @@ class Segmenter:
                                                              batch.sources.pop(plan.index, None))
                 self.metrics.answered(plan.width, plan.height, plan.index, plan.frames)
         responses = batch.responses()
+        if batch.groups is not None:  # TorchServe's requests again: a v1 request's instances put together
+            responses = [self._regroup(group, responses) for group in batch.groups]
+            self.metrics.slots = None  # the indices below are TorchServe's own
+        # Per TorchServe request: a v1 request refused whole (a malformed body, an answer over the limit) too.
         for index, response in enumerate(responses):
             if response.status >= 400:
                 self.metrics.failed(response.error_type or "unknown", response.status, index)
-        return responses if batch.groups is None else [self._regroup(group, responses) for group in batch.groups]
+        return responses
 
     def _regroup(self, group: int | list[int] | Response, responses: list[Response]) -> Response:
         """The answer of one of TorchServe's requests: its slot's, or its v1 instances' put together."""
