@@ -63,6 +63,6 @@ class SegmenterHandler(BaseHandler):
             "head": config.head,
             # The defaults a request's options override; unset ones left out (TorchServe drops JSON nulls anyway).
             "postprocess": {k: v for k, v in dataclasses.asdict(config.postprocess).items() if v is not None},
-            "input_size": list(config.volume_roi or config.input_size),  # a 3-D model: its window [D, H, W]
+            "input_size": list(config.spatial_size),  # a 3-D model: its window [D, H, W]
             "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes],
         }

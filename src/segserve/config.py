@@ -198,9 +198,14 @@ class ServingConfig:
     volume_roi: tuple[int, int, int] | None = None
 
     @property
+    def spatial_size(self) -> tuple[int, ...]:
+        """input.size as written: the model input's (H, W), or a 3-D model's window (D, H, W)."""
+        return self.volume_roi or self.input_size
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """One model input's (channels, *spatial) shape: (3, H, W), or a 3-D model's (in_channels, D, H, W)."""
-        return input_shape(self.volume_roi or self.input_size, self.arch_params)
+        return input_shape(self.spatial_size, self.arch_params)
 
     @property
     def num_classes(self) -> int:

@@ -437,7 +437,7 @@ def build(name: str, config_path: Path, weights: Path, export_path: Path, versio
     arch = arch or base.arch
     if arch_params is None:
         arch_params = dict(base.arch_params)
-    size = input_size or base.volume_roi or base.input_size
+    size = input_size or base.spatial_size
     if (arch_params.get("spatial_dims", 2) == 3) != (len(size) == 3):
         raise BuildError(f"spatial_dims={arch_params.get('spatial_dims', 2)} and the input size "
                          f"{'x'.join(map(str, size))} disagree: a 3-D model (--arch-param spatial_dims=3) takes its "
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServingConfig.from_dict(yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"])
     print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB): {config.name} {config.version}, {config.arch} "
           f"({families.family_of(config.arch).name}), {config.head} head, {config.num_classes} classes "
-          f"({', '.join(config.class_names)}), input {'x'.join(map(str, config.volume_roi or config.input_size))}")
+          f"({', '.join(config.class_names)}), input {'x'.join(map(str, config.spatial_size))}")
     return 0
 
 
