@@ -45,7 +45,12 @@ class Options:
     instance_mask: bool = False  # format=instances: add the uint16 instance-id PNG
     window: str | Window = FILE_WINDOW  # DICOM/NIfTI: "file" or a Window (a preset's already looked up)
     axis: int = 2  # NIfTI: the axis a volume is cut along into slices
-    medical_given: tuple[str, ...] = ()  # which of window and axis the request set (refused for other input)
+    given: tuple[str, ...] = ()  # the options the request set (not empty), in OPTION_NAMES order
+
+    @property
+    def medical_given(self) -> tuple[str, ...]:
+        """Which of window and axis the request set (refused for other input)."""
+        return tuple(key for key in MEDICAL_OPTIONS if key in self.given)
 
 
 def request_header(headers: dict[str, Any], name: str) -> str | None:
@@ -75,7 +80,8 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
     if unknown:
         raise InvalidOption(f"unknown option {shown(unknown[0])}; the options are: {', '.join(OPTION_NAMES)}")
     name = _format(fields.get("format"), headers)
-    asked = [key for key in POSTPROCESS_OPTIONS if fields.get(key) not in (None, "")]
+    given = tuple(key for key in OPTION_NAMES if fields.get(key) not in (None, ""))
+    asked = [key for key in POSTPROCESS_OPTIONS if key in given]
     if asked and formats.get(name).needs_probs:
         raise InvalidOption(f"{', '.join(asked)} shape masks, and format={name} answers probabilities: drop them or "
                             "ask for a mask format")
@@ -83,7 +89,7 @@ def parse_options(inputs: dict[str, Any], headers: dict[str, Any], config: Servi
                    post=parse_postprocess(fields, config),
                    instance_mask=_flag(fields.get("instance_mask"), "instance_mask"),
                    window=parse_window(fields.get("window"), config), axis=_axis(fields.get("axis"), config),
-                   medical_given=tuple(key for key in MEDICAL_OPTIONS if fields.get(key) not in (None, "")))
+                   given=given)
 
 
 def parse_window(value: Any, config: ServingConfig) -> str | Window:

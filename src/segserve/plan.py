@@ -31,7 +31,7 @@ from .config import Limits, ServingConfig
 from .decode import ImageFile
 from .errors import BadRequest, InvalidOption, LimitExceeded, NotAcceptable, UnprocessableEntity, shown
 from .formats import Format
-from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess, raw_options
+from .options import IMAGE_FIELDS, JSON_IMAGE_KEYS, Options, parse_options, parse_postprocess
 from .tiling import should_tile
 from .v2 import V2Request
 
@@ -104,7 +104,7 @@ class Planner:
         data = decode.extract_image_bytes(inputs, content_types(headers))
         kind = medical.sniff(data, declared_type(inputs, headers))
         if self.config.volume_roi is not None:
-            return self._plan_volume(index, request_id, kind, data, options, entry, raw_options(inputs))
+            return self._plan_volume(index, request_id, kind, data, options, entry)
         if kind is not None or entry.needs_source is not None:
             return self._plan_medical(index, request_id, kind, data, options, entry)
         if options.medical_given:
@@ -161,9 +161,9 @@ class Planner:
                     options=options, medical=kind, frames=frames), source
 
     def _plan_volume(self, index: int, request_id: str | None, kind: str | None, data: bytes, options: Options,
-                     entry: Format, fields: dict[str, Any]) -> tuple[Plan, Source]:
+                     entry: Format) -> tuple[Plan, Source]:
         """A 3-D model's request: a NIfTI volume, answered as a NIfTI label volume (the only format for it)."""
-        shaping = [key for key in (*VOXEL_FREE_OPTIONS, "tile") if fields.get(key) not in (None, "")]
+        shaping = [key for key in (*VOXEL_FREE_OPTIONS, "tile") if key in options.given]
         if shaping:
             raise InvalidOption(f"{', '.join(shaping)} apply to 2-D images and masks; a 3-D model runs its own "
                                 "sliding window over the volume and answers each voxel's label: drop them")
