@@ -97,10 +97,10 @@ class NiftiSource:
         if voxels > limits.max_pixels:
             raise ImageTooLarge(f"the NIfTI volume {'x'.join(map(str, shape))} is {voxels} voxels; the limit is "
                                 f"{limits.max_pixels} (max_pixels, the whole volume): send a smaller volume")
-        if config.volume_roi is not None and voxels * volume_bytes(config) > limits.max_request_memory:
-            need = voxels * volume_bytes(config)
+        memory = voxels * volume_bytes(config) if config.volume_roi is not None else 0
+        if memory > limits.max_request_memory:
             raise LimitExceeded(f"segmenting this {'x'.join(map(str, shape))} volume with the 3-D model would need "
-                                f"about {need // 1_000_000} MB of memory; the limit is "
+                                f"about {memory // 1_000_000} MB of memory; the limit is "
                                 f"{limits.max_request_memory // 1_000_000} MB (max_request_memory): send a smaller "
                                 "volume")
         if offset < header_bytes:
@@ -153,7 +153,6 @@ class NiftiSource:
     def slices_of(self, labels: np.ndarray) -> list[np.ndarray]:
         """An (i, j, k) label volume as the per-slice (H, W) labels `answer` takes (the inverse of labels_volume)."""
         return [piece.T for piece in np.moveaxis(labels, self.axis, 0)]
-
 
     def labels_volume(self, labels: list[np.ndarray]) -> np.ndarray:
         """Per-slice (H, W) labels -> the volume's (i, j, k) shape, the inverse of `images`' cut."""
