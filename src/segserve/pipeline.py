@@ -228,18 +228,20 @@ class Segmenter:
                    request_ids: list[str | None]) -> tuple[list, list, list, list | None]:
         """KServe v1 requests (segserve.v1) as one request per instance, and per request of TorchServe's batch
         where its answer comes from: a slot, the slots of its instances, or its error (a malformed v1 body)."""
-        if not any(v1.is_v1(inputs) for inputs in data):
+        bodies = [v1.v1_body(inputs) for inputs in data]  # a body sent as bytes is parsed here once
+        if all(body is None for body in bodies):
             return data, headers, request_ids, None
         expanded, expanded_headers, expanded_ids, groups = [], [], [], []
-        for index, (inputs, request_headers, request_id) in enumerate(zip(data, headers, request_ids, strict=True)):
-            if not v1.is_v1(inputs):
+        for index, (inputs, body, request_headers, request_id) in enumerate(zip(data, bodies, headers, request_ids,
+                                                                                 strict=True)):
+            if body is None:
                 groups.append(len(expanded))
                 expanded.append(inputs)
                 expanded_headers.append(request_headers)
                 expanded_ids.append(request_id)
                 continue
             try:
-                instances = v1.expand(inputs, self.config.limits)
+                instances = v1.expand(body, self.config.limits)
             except RequestError as error:
                 logger.info("request %s refused: %s %s: %s", request_name(request_id, index), error.status,
                             error.type, error.message)

@@ -34,10 +34,10 @@ def _document(inputs: dict[str, Any]) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def is_v1(inputs: dict[str, Any]) -> bool:
-    """A v1 body: a JSON object with `instances`."""
+def v1_body(inputs: dict[str, Any]) -> dict | None:
+    """The request's JSON object if it is a v1 body (one with `instances`), else None."""
     doc = _document(inputs)
-    return doc is not None and "instances" in doc
+    return doc if doc is not None and "instances" in doc else None
 
 
 def _image(instance: Any, index: int) -> str:
@@ -56,9 +56,9 @@ def _image(instance: Any, index: int) -> str:
     return value
 
 
-def expand(inputs: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
-    """One request per instance, as segserve's JSON body `{"image": <base64>, <the body's options>}`."""
-    doc = _document(inputs)
+def expand(doc: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
+    """One request per instance of a v1 body (v1_body's), as segserve's JSON body `{"image": <base64>, <the
+    body's options>}`."""
     instances = doc.get("instances")
     if not isinstance(instances, list) or not instances:
         raise BadRequest('"instances" must be a non-empty list of images, e.g. {"instances": [{"b64": "..."}]}')
