@@ -203,13 +203,14 @@ def predict(args: argparse.Namespace) -> int:
     plan = plan_images(args.images, masks, export.saved_as if export else SAVED_AS.get(request_format, ".json"))
     file_names = {image: name for image, _, name in plan}
     plan = [(image, output) for image, output, _ in plan]
-    todo = [(image, output) for image, output in plan if args.overwrite or not output.exists()]
-    skipped = len(plan) - len(todo)
+    # Outputs there already are skipped (saved by an earlier run); each image answered joins them.
+    saved = {image: output for image, output in plan if not args.overwrite and output.exists()}
+    todo = [(image, output) for image, output in plan if image not in saved]
+    skipped = len(saved)
     client = _client(args)
-    areas = None if args.no_csv else AreasCsv(out / AREAS_CSV, {str(i) for i, o in plan if (i, o) not in todo})
+    areas = None if args.no_csv else AreasCsv(out / AREAS_CSV, {str(image) for image in saved})
     names = _class_names(client) if areas is not None else {}
     outputs = dict(todo)
-    saved = {image: output for image, output in plan if (image, output) not in todo}
     written, failures, no_areas = 0, [], None
     results: Iterator = client.predict_many(
         [image for image, _ in todo], workers=args.workers, progress=not args.no_progress,
