@@ -68,6 +68,20 @@ def send(handler, data: bytes, fmt: str = "nifti"):
     return ask(handler, {"body": data, "format": fmt.encode()})
 
 
+def expected_labels(stored: np.ndarray, model, config: ServingConfig, roi, channels: int = 1):
+    """What MONAI's own sliding_window_inference labels: the file's window (LINEAR_EXACT over cal_min..cal_max)
+    to 0..1, repeated over the model's `channels` inputs. Its labels, and the voxels clear: those no float
+    rounding (e.g. memory layout) can flip."""
+    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
+    grey = np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0
+    inputs = torch.from_numpy(grey).float()[None, None].repeat(1, channels, 1, 1, 1)
+    with torch.inference_mode():
+        logits = inferers.sliding_window_inference(inputs, roi, config.tiling.batch, model,
+                                                   overlap=config.tiling.overlap, mode="gaussian")[0]
+    top2 = logits.topk(2, dim=0).values
+    return logits.argmax(0).numpy(), (top2[0] - top2[1]).numpy() > 1e-4
+
+
 def test_the_archive_records_a_3d_model(archive):
     doc = yaml.safe_load(zipfile.ZipFile(archive[1]).read("model-config.yaml"))["handler"]
     assert doc["input"]["size"] == ROI and doc["model"]["arch_params"] == PARAMS
@@ -89,16 +103,7 @@ def test_a_volume_answers_what_sliding_window_inference_makes_with_its_affine(ar
     assert labels.shape == SHAPE and np.allclose(labels.affine, affine)
     assert labels.get_data_dtype() == np.uint8 and int(labels.header["intent_code"]) == 1002
     served = np.asarray(labels.dataobj)
-    # The file's window (LINEAR_EXACT over cal_min..cal_max) to 0..1, then MONAI's own sliding window.
-    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
-    grey = np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0
-    inputs = torch.from_numpy(grey).float()[None, None]
-    with torch.inference_mode():
-        logits = inferers.sliding_window_inference(inputs, ROI, config.tiling.batch, model,
-                                                   overlap=config.tiling.overlap, mode="gaussian")[0]
-    expected = logits.argmax(0).numpy()
-    top2 = logits.topk(2, dim=0).values
-    clear = (top2[0] - top2[1]).numpy() > 1e-4  # voxels no float rounding (e.g. memory layout) can flip
+    expected, clear = expected_labels(stored, model, config, ROI)
     assert clear.mean() > 0.99
     assert np.array_equal(served[clear], expected[clear])
     assert len(np.unique(expected)) > 1  # a model answering one class everywhere would prove nothing
@@ -228,12 +233,5 @@ def test_a_model_of_several_input_channels_gets_the_volume_in_each(tmp_path):
     reply = send(load_handler(tmp_path / "b3d"), data)
     assert reply.status == 200, reply.body[:300]
     served = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(reply.body)).dataobj)
-    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
-    grey = torch.from_numpy(np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0).float()
-    with torch.inference_mode():
-        logits = inferers.sliding_window_inference(grey[None, None].repeat(1, 2, 1, 1, 1), [32, 32, 32],
-                                                   config.tiling.batch, model, overlap=config.tiling.overlap,
-                                                   mode="gaussian")[0]
-    top2 = logits.topk(2, dim=0).values
-    clear = (top2[0] - top2[1]).numpy() > 1e-4
-    assert clear.mean() > 0.99 and np.array_equal(served[clear], logits.argmax(0).numpy()[clear])
+    expected, clear = expected_labels(stored, model, config, [32, 32, 32], channels=2)
+    assert clear.mean() > 0.99 and np.array_equal(served[clear], expected[clear])
