@@ -151,15 +151,14 @@ def test_jpegs_without_an_end_marker_take_pillows_path(segmenters):
     good = jpeg(scene(60, (200, 240)))
     assert ends_with_eoi(good) and ends_with_eoi(good + b"\x00\x00\n")
     assert not ends_with_eoi(good[:-1]) and not ends_with_eoi(good[: len(good) // 2])
-    batch = prepared(batched, [good, good[: len(good) * 2 // 3], good])
+    bodies = [good, good[: len(good) * 2 // 3], good]
+    batch = prepared(batched, bodies)
     assert [p.decoder for p in batch.plans.values()] == ["torchvision", "pillow", "torchvision"]
-    assert [s for s, _ in answers(batched, [good, good[: len(good) * 2 // 3], good])] == [200, 400, 200]
+    assert [s for s, _ in answers(batched, bodies)] == [200, 400, 200]
 
 
 def test_a_failed_batched_decode_is_logged_and_counted(segmenters, monkeypatch, caplog):
     """When the batched decoder fails, Pillow answers each image, and the fallback is not silent."""
-    from segserve.tools.inprocess import RecordedMetrics
-
     pillow, batched = segmenters
     bodies = [jpeg(scene(70 + i, (200, 240))) for i in range(3)]
 
@@ -167,16 +166,14 @@ def test_a_failed_batched_decode_is_logged_and_counted(segmenters, monkeypatch, 
         raise RuntimeError("nvjpegDecodeBatched failed (simulated)")
 
     monkeypatch.setattr("segserve.decode.decode_jpegs", broken)
-    recorded = RecordedMetrics()
-    from segserve.metrics import Metrics, torchserve_sink
-
-    monkeypatch.setattr(batched.segmenter, "metrics", Metrics(torchserve_sink(recorded)))
+    recorded = batched.context.metrics  # the RecordedMetrics load_handler gave the handler's context
+    seen = len(recorded.named("segserve_decoder_fallbacks_total"))
     with caplog.at_level("WARNING", logger="segserve.pipeline"):
         got = answers(batched, bodies)
     assert [s for s, _ in got] == [200, 200, 200]
     for (_, a), (_, b) in zip(answers(pillow, bodies), got, strict=True):
         assert np.array_equal(a, b)  # Pillow decoded them all
-    assert [m.value for m in recorded.named("segserve_decoder_fallbacks_total")] == [3]
+    assert [m.value for m in recorded.named("segserve_decoder_fallbacks_total")[seen:]] == [3]
     assert "batched JPEG decode failed for 3 images (RuntimeError: nvjpegDecodeBatched failed" in caplog.text
 
 

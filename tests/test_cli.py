@@ -237,15 +237,27 @@ def test_a_missing_path_or_key_file_is_a_usage_error(fake, capsys):
 
 
 # -- integration: the real TorchServe ----------------------------------------------------------------------
+def _scene_folder(root: Path, names: tuple[str, ...] = ("one.png", "sub/two.png", "three.png"),
+                  seed: int = 310) -> Path:
+    """root/in holding a synthetic scene at each name (seeds seed, seed + 1, ...)."""
+    for i, name in enumerate(names):
+        (root / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generate_scene(seed + i, (64, 80))[0]).save(root / "in" / name)
+    return root / "in"
+
+
+def _predict_keys(server) -> list[str]:
+    """predict's options to ask the real TorchServe, without a progress bar."""
+    return ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+
+
 @pytest.mark.integration
 def test_predict_a_folder_and_list_the_models_against_torchserve(server, tmp_path, capsys):
-    for i, name in enumerate(("one.png", "sub/two.png")):
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(generate_scene(300 + i, (64, 80))[0]).save(tmp_path / "in" / name)
+    folder = _scene_folder(tmp_path, ("one.png", "sub/two.png"), seed=300)
     keys = ["--url", server.inference_url, "--management-url", server.management_url,
             "--key-file", str(server.workdir / "key_file.json")]
     out = tmp_path / "out"
-    assert main(["predict", str(tmp_path / "in"), "--format", "json", "--out", str(out), "--no-progress", *keys]) == 0
+    assert main(["predict", str(folder), "--format", "json", "--out", str(out), "--no-progress", *keys]) == 0
     rows = read_areas(out / AREAS_CSV)
     for name in ("one", "sub/two"):
         answer = json.loads((out / f"{name}.json").read_text())
@@ -254,13 +266,6 @@ def test_predict_a_folder_and_list_the_models_against_torchserve(server, tmp_pat
     assert main(["models", *keys]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert any(line.split()[:2] == ["segmenter", "1.0"] and "background,cell,nucleus" in line for line in listed)
-
-
-def _scene_folder(root: Path) -> Path:
-    for i, name in enumerate(("one.png", "sub/two.png", "three.png")):
-        (root / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(generate_scene(310 + i, (64, 80))[0]).save(root / "in" / name)
-    return root / "in"
 
 
 def _served_masks(server, folder: Path) -> dict[str, np.ndarray]:
@@ -300,7 +305,7 @@ def test_predict_writes_a_coco_dataset_that_pycocotools_loads(server, tmp_path, 
     from pycocotools.coco import COCO
 
     folder = _scene_folder(tmp_path)
-    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    keys = _predict_keys(server)
     dataset, answers = tmp_path / "cells.json", tmp_path / "answers"
     assert main(["predict", str(folder), "--coco", str(dataset), "--out", str(answers), *keys]) == 0
     assert "wrote COCO dataset" in capsys.readouterr().out
@@ -329,7 +334,7 @@ def test_predict_writes_a_coco_dataset_that_pycocotools_loads(server, tmp_path, 
 @pytest.mark.integration
 def test_predict_writes_a_cvat_segmentation_mask_export_that_reads_back(server, tmp_path, capsys):
     folder = _scene_folder(tmp_path)
-    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    keys = _predict_keys(server)
     export = tmp_path / "cvat"
     assert main(["predict", str(folder), "--cvat", str(export), *keys]) == 0
     labels, masks = read_cvat_masks(export)
@@ -350,7 +355,7 @@ def test_predict_a_folder_of_dicom_and_nifti(server, tmp_path, capsys):
     from segserve.tools.medical_samples import write_samples
 
     write_samples(tmp_path / "in")
-    keys = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--no-progress"]
+    keys = _predict_keys(server)
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "in"), "--format", "nifti", "--out", str(out), "--no-csv", *keys]) == 1
     assert (out / "volume.nii.gz").is_file() and gzip.decompress((out / "volume.nii.gz").read_bytes())[:4]

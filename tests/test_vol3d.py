@@ -64,8 +64,22 @@ def volume_nifti(seed: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
     return gzip.compress(image.to_bytes(), mtime=0), stored, affine
 
 
-def send(handler, data: bytes, fmt: str = "nifti"):
-    return ask(handler, {"body": data, "format": fmt.encode()})
+def send(handler, data: bytes, fmt: str = "nifti", **options: str):
+    return ask(handler, {"body": data, "format": fmt.encode(), **{k: v.encode() for k, v in options.items()}})
+
+
+def expected_labels(stored: np.ndarray, model, config: ServingConfig, roi, channels: int = 1):
+    """What MONAI's own sliding_window_inference labels: the file's window (LINEAR_EXACT over cal_min..cal_max)
+    to 0..1, repeated over the model's `channels` inputs. Its labels, and the voxels clear: those no float
+    rounding (e.g. memory layout) can flip."""
+    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
+    grey = np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0
+    inputs = torch.from_numpy(grey).float()[None, None].repeat(1, channels, 1, 1, 1)
+    with torch.inference_mode():
+        logits = inferers.sliding_window_inference(inputs, roi, config.tiling.batch, model,
+                                                   overlap=config.tiling.overlap, mode="gaussian")[0]
+    top2 = logits.topk(2, dim=0).values
+    return logits.argmax(0).numpy(), (top2[0] - top2[1]).numpy() > 1e-4
 
 
 def test_the_archive_records_a_3d_model(archive):
@@ -80,8 +94,7 @@ def test_describe_shows_the_3d_window(handler):
 
 
 def test_a_volume_answers_what_sliding_window_inference_makes_with_its_affine(archive, handler):
-    model, _, folder = archive
-    config = ServingConfig.from_yaml(folder / "model-config.yaml")
+    model, config = archive[0], handler.segmenter.config
     data, stored, affine = volume_nifti()
     reply = send(handler, data)
     assert reply.status == 200, reply.body[:500]
@@ -89,16 +102,7 @@ def test_a_volume_answers_what_sliding_window_inference_makes_with_its_affine(ar
     assert labels.shape == SHAPE and np.allclose(labels.affine, affine)
     assert labels.get_data_dtype() == np.uint8 and int(labels.header["intent_code"]) == 1002
     served = np.asarray(labels.dataobj)
-    # The file's window (LINEAR_EXACT over cal_min..cal_max) to 0..1, then MONAI's own sliding window.
-    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
-    grey = np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0
-    inputs = torch.from_numpy(grey).float()[None, None]
-    with torch.inference_mode():
-        logits = inferers.sliding_window_inference(inputs, ROI, config.tiling.batch, model,
-                                                   overlap=config.tiling.overlap, mode="gaussian")[0]
-    expected = logits.argmax(0).numpy()
-    top2 = logits.topk(2, dim=0).values
-    clear = (top2[0] - top2[1]).numpy() > 1e-4  # voxels no float rounding (e.g. memory layout) can flip
+    expected, clear = expected_labels(stored, model, config, ROI)
     assert clear.mean() > 0.99
     assert np.array_equal(served[clear], expected[clear])
     assert len(np.unique(expected)) > 1  # a model answering one class everywhere would prove nothing
@@ -125,8 +129,8 @@ def test_a_2d_format_for_a_volume_gets_a_406_naming_the_volume_format(handler):
     assert send(handler, volume_nifti()[0]).status == 200  # the worker goes on
 
 
-def test_a_volume_over_the_memory_limit_is_refused_from_its_header(archive, handler):
-    config = ServingConfig.from_yaml(archive[2] / "model-config.yaml")
+def test_a_volume_over_the_memory_limit_is_refused_from_its_header(handler):
+    config = handler.segmenter.config
     from segserve.medical.nifti import volume_bytes
 
     voxels = int(np.prod(SHAPE))
@@ -155,13 +159,13 @@ def test_options_a_volume_takes_and_those_it_refuses(handler):
     data = volume_nifti()[0]
     whole = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(send(handler, data).body)).dataobj)
     # axis only says how slices are cut for a 2-D model: the 3-D model's labels do not depend on it.
-    along_i = ask(handler, {"body": data, "format": b"nifti", "axis": b"0"})
+    along_i = send(handler, data, axis="0")
     assert np.array_equal(np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(along_i.body)).dataobj), whole)
-    only = ask(handler, {"body": data, "format": b"nifti", "classes": b"lesion"})
+    only = send(handler, data, classes="lesion")
     kept = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(only.body)).dataobj)
     assert np.array_equal(kept, np.where(whole == 2, 2, 0))
-    for key, value in (("smooth", b"2"), ("fill_holes", b"true"), ("min_area", b"5"), ("tile", b"on")):
-        reply = ask(handler, {"body": data, "format": b"nifti", key: value})
+    for key, value in (("smooth", "2"), ("fill_holes", "true"), ("min_area", "5"), ("tile", "on")):
+        reply = send(handler, data, **{key: value})
         assert reply.status == 400 and key in json.loads(reply.body)["message"], (key, reply.body[:300])
     v2 = ask(handler, {"body": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}})
     assert v2.status == 422 and "segments 3-D volumes" in v2.body.decode()
@@ -222,18 +226,12 @@ def test_a_model_of_several_input_channels_gets_the_volume_in_each(tmp_path):
                 classes=["background", "organ"], input_size=[32, 32, 32], mean=[0.0] * 3, std=[1.0] * 3)
     with zipfile.ZipFile(mar) as unpacked:
         unpacked.extractall(tmp_path / "b3d")
-    config = ServingConfig.from_yaml(tmp_path / "b3d" / "model-config.yaml")
+    handler = load_handler(tmp_path / "b3d")
+    config = handler.segmenter.config
     assert config.input_shape == (2, 32, 32, 32)
     data, stored, _ = volume_nifti(seed=2)
-    reply = send(load_handler(tmp_path / "b3d"), data)
+    reply = send(handler, data)
     assert reply.status == 200, reply.body[:300]
     served = np.asarray(nibabel.Nifti1Image.from_bytes(gzip.decompress(reply.body)).dataobj)
-    center, width = (CAL[0] + CAL[1]) / 2, CAL[1] - CAL[0]
-    grey = torch.from_numpy(np.clip(np.rint(((stored - center) / width + 0.5) * 255), 0, 255) / 255.0).float()
-    with torch.inference_mode():
-        logits = inferers.sliding_window_inference(grey[None, None].repeat(1, 2, 1, 1, 1), [32, 32, 32],
-                                                   config.tiling.batch, model, overlap=config.tiling.overlap,
-                                                   mode="gaussian")[0]
-    top2 = logits.topk(2, dim=0).values
-    clear = (top2[0] - top2[1]).numpy() > 1e-4
-    assert clear.mean() > 0.99 and np.array_equal(served[clear], logits.argmax(0).numpy()[clear])
+    expected, clear = expected_labels(stored, model, config, [32, 32, 32], channels=2)
+    assert clear.mean() > 0.99 and np.array_equal(served[clear], expected[clear])
