@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, run_block
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +47,7 @@ def test_example(server, tmp_path, lang, code, expected):
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, SEGSERVE_URL=server.inference_url, SEGSERVE_TOKEN=server.keys()["inference"],
                PATH=f"{venv_bin}:{os.environ.get('PATH', '')}")
-    command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    result = run_block(code, tmp_path, env, timeout=180, lang=lang)
     assert result.returncode == 0, result.stderr[-2000:]
     for text in expected:
         assert text in result.stdout, f"expected {text!r} in:\n{result.stdout[-1500:]}"

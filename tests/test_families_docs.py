@@ -12,14 +12,13 @@ import io
 import os
 import re
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from support import REPO, encode_image, random_image
+from support import REPO, encode_image, random_image, run_block
 
 from segserve.tools.inprocess import Request, handle, load_handler
 
@@ -55,8 +54,7 @@ def test_each_family_example_builds_an_archive_that_segments(tmp_path):
     blocks = examples()
     assert len(blocks) == len(FAMILIES)
     for number, code in enumerate(blocks, 1):
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=project, env=env, capture_output=True,
-                                text=True, timeout=600)
+        result = run_block(code, project, env, timeout=600)
         assert result.returncode == 0, f"example {number} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         assert "built model-store/" in result.stdout
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import REPO
+from support import REPO, run_block
 
 from segserve.tools.server import free_ports
 
@@ -82,8 +82,7 @@ def test_worked_example_trains_builds_serves_and_predicts(tmp_path):
     installed = editable_installs()
     try:
         for number, (lang, code) in enumerate(guide_steps(), 1):
-            command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-            result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+            result = run_block(code, project, env, timeout=600, lang=lang)
             output = f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
             assert result.returncode == 0, f"guide step {number} failed:\n{output}"
             if "segserve predict" in code:

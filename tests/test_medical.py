@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from support import MODEL, MODEL_CONFIG, REPO, encode_image, miou, torchserve
+from support import MODEL, MODEL_CONFIG, REPO, encode_image, miou, run_block, torchserve
 from support.handlers import ask
 from test_docs import examples
 
@@ -517,8 +517,7 @@ def test_the_docs_examples_run_as_written(medical_server, tmp_path):
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     for block in blocks:
         lang, code, expected = block.values
-        command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        result = run_block(code, tmp_path, env, timeout=180, lang=lang)
         assert result.returncode == 0, (block.id, result.stderr[-2000:])
         for text in expected:
             assert text in result.stdout, (block.id, text, result.stdout[-1500:])

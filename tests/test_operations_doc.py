@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, run_block
 from test_docs import examples
 
 pytestmark = pytest.mark.integration
@@ -40,8 +39,7 @@ def test_block(ops_server, lang, code, expected):
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     for name in ("SEGSERVE_TOKEN", "SEGSERVE_MANAGEMENT_TOKEN", "SEGSERVE_KEY_FILE"):
         env.pop(name, None)
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_block(code, root, env, timeout=300)
     assert result.returncode == 0, f"{result.stdout[-1500:]}\n{result.stderr[-2000:]}"
     for text in expected:
         assert text in result.stdout, f"expected {text!r} in:\n{result.stdout[-1500:]}"

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
-from support import MODEL, REPO
+from support import MODEL, REPO, run_block
 
 README = REPO / "README.md"
 BLOCK = re.compile(r"(?:<!-- (?P<marker>test|not tested):?(?P<spec>.*?)-->\s*\n)?```(?P<lang>bash|python)\n"
@@ -82,8 +81,7 @@ def test_block(server, scratch, lang, code, spec):
     env = dict(os.environ, KEY=keys["inference"], SEGSERVE_URL=server.inference_url,
                SEGSERVE_TOKEN=keys["inference"], SEGSERVE_MANAGEMENT_URL=server.management_url,
                PYTHONPATH=str(REPO / "src"), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-    result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=300)
+    result = run_block(code, scratch, env, timeout=300, lang=lang)
     assert result.returncode == 0, result.stderr[-2000:]
     printed, created = expectations(spec or "")
     for text in printed:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import zipfile
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from support import MODEL_CONFIG, encode_image
+from support import MODEL_CONFIG, encode_image, run_block
 from support.handlers import ask
 
 from segserve.config import ConfigError, ServingConfig
@@ -184,8 +183,7 @@ def test_the_docs_build_example_runs_as_written(tmp_path):
     copy_project(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "src"),
                                                                     os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_block(code, tmp_path, env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "built model-store/liver3d.mar" in result.stdout
     doc = yaml.safe_load(zipfile.ZipFile(tmp_path / "model-store" / "liver3d.mar").read("model-config.yaml"))

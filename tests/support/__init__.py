@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,13 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     channels = {"RGB": 3, "RGBA": 4}.get(mode)
     shape = (height, width, channels) if channels else (height, width)
     return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode)
+
+
+def run_block(code: str, cwd: Path, env: Mapping[str, str], timeout: float,
+              lang: str = "bash") -> subprocess.CompletedProcess:
+    """A docs code block run as a reader would: bash with -euo pipefail, or this Python; output as text."""
+    command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def miou(mask: np.ndarray, truth: np.ndarray) -> float:
