@@ -30,8 +30,19 @@ sys.path.insert(0, str(REPO))
 
 from tqdm import tqdm  # noqa: E402
 
-from bench.run import _RAW, ACCEPT, Workload, default_workload, machine, run_http, run_raw, summarize, tuned_config  # noqa: E402
-from segserve.tools.server import TorchServe, free_ports  # noqa: E402
+from bench.run import (  # noqa: E402
+    _RAW,
+    ACCEPT,
+    Workload,
+    default_workload,
+    machine,
+    run_http,
+    run_raw,
+    start_server,
+    summarize,
+    tuned_config,
+)
+from segserve.tools.server import TorchServe  # noqa: E402
 
 # TorchServe's logging (its log4j2.xml, in model-server.jar) writes the frontend's debug lines for every
 # request twice (ts_log.log and, through the root logger, stdout) and every line a worker prints. This one
@@ -207,12 +218,9 @@ def start(variant: Variant, work: Path, store: Path, model: str, archive: Path) 
         jvm.append(f"-Dlog4j.configurationFile=file://{work / 'log4j2.xml'}")
     if jvm:
         properties["vmargs"] = " ".join(jvm)
-    server = TorchServe(workdir=work / "run", model_store=store, base_config=REPO / "config.properties",
-                        ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                        models=(f"{model}={archive.name}",), extra_properties=tuple(properties.items()))
     started = time.perf_counter()
-    server.start()
-    server.wait_ready(model, timeout=300, workers=int(variant.model.get("minWorkers", 1)))
+    server = start_server(work, store, (f"{model}={archive.name}",), extra_properties=tuple(properties.items()),
+                          workers=int(variant.model.get("minWorkers", 1)))
     return server, time.perf_counter() - started
 
 

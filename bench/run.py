@@ -503,13 +503,16 @@ def same_answers(servers: dict, workload: Workload) -> dict:
     return {"images": len(workload.images), "equal": equal}
 
 
-def start_server(work: Path, store: Path, models: tuple[str, ...]) -> TorchServe:
+def start_server(work: Path, store: Path, models: tuple[str, ...],
+                 extra_properties: tuple[tuple[str, str], ...] = (), workers: int = 1) -> TorchServe:
+    """TorchServe on free ports with config.properties (and `extra_properties`), returned once each registered
+    model has `workers` READY workers."""
     server = TorchServe(workdir=work / "run", model_store=store, base_config=REPO / "config.properties",
                         ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                        models=models)
+                        models=models, extra_properties=extra_properties)
     server.start()
     for model in server.registered_models():
-        server.wait_ready(model, timeout=300)
+        server.wait_ready(model, timeout=300, workers=workers)
     return server
 
 
