@@ -21,24 +21,13 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.run import VOC_CLASSES, forward_passes  # noqa: E402
+
 
 def timed_forward(segmenter, batch: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward pass of `batch`, after two warm-up passes, device synchronized."""
-    for _ in range(2):
-        segmenter.forward(batch)
-    sync(segmenter.device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        segmenter.forward(batch)
-        sync(segmenter.device)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Median seconds of one forward pass of `batch`, after two warm-up passes, device synchronized (the forward
+    contender's timing: bench.run.forward_passes)."""
+    return float(np.median(forward_passes(segmenter, batch, repeats)[0]))
 
 
 def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -56,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.photo_model import fit_photo_model
     from bench.photos import photo_jpeg
-    from bench.run import VOC_CLASSES
     from segserve.config import ServingConfig
     from segserve.families import build_model
     from segserve.pipeline import Segmenter, pick_device

@@ -296,18 +296,25 @@ def run_forward(workload: Workload, work: Path, concurrency: int, count: int) ->
     batch_size = min(concurrency, served_batch)
     height, width = segmenter.config.input_size
     batch = torch.randn(batch_size, 3, height, width, device=segmenter.device)
-    for _ in range(2):  # warm-up: kernels, autotuning
+    passes, seconds = forward_passes(segmenter, batch, len(range(0, count, batch_size)))
+    latencies = [elapsed for elapsed in passes for _ in range(batch_size)]
+    return summarize(workload.name, "forward", concurrency, latencies, seconds, [], None, 0)
+
+
+def forward_passes(segmenter, batch: torch.Tensor, passes: int) -> tuple[list[float], float]:
+    """Seconds of each of `passes` forward passes of `batch` (the device synchronized after each), after two
+    warm-up passes (kernels, autotuning), and seconds of all of them."""
+    for _ in range(2):
         segmenter.forward(batch)
     synchronize(segmenter.device)
-    latencies = []
+    times = []
     started = time.perf_counter()
-    for _ in range(0, count, batch_size):
+    for _ in range(passes):
         batch_started = time.perf_counter()
         segmenter.forward(batch)
         synchronize(segmenter.device)
-        latencies += [time.perf_counter() - batch_started] * batch_size
-    seconds = time.perf_counter() - started
-    return summarize(workload.name, "forward", concurrency, latencies, seconds, [], None, 0)
+        times.append(time.perf_counter() - batch_started)
+    return times, time.perf_counter() - started
 
 
 def synchronize(device: torch.device) -> None:
