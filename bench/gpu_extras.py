@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     # 1. agreement: fp16 vs fp32 (on the GPU; on the CPU both fp32), nvJPEG (torchvision) vs Pillow decode
     fp32 = masks(handler_with(precision="fp32", decoder="pillow"))
     fp16 = masks(handler_with(precision="auto", decoder="pillow"))
-    torch.cuda.reset_peak_memory_stats() if cuda else None
     batched = handler_with(precision="auto", decoder="torchvision")
     nvjpeg = masks(batched)
     report["agreement"] = {"fp16_vs_fp32": agreement(fp16, fp32), "nvjpeg_vs_pillow": agreement(nvjpeg, fp16),
