@@ -212,7 +212,7 @@ def run_grpc(server: TorchServe, model: str, workload: Workload, concurrency: in
 def start(variant: Variant, work: Path, store: Path, model: str, archive: Path) -> tuple[TorchServe, float]:
     work.mkdir(parents=True, exist_ok=True)
     properties = dict(variant.properties)
-    jvm = [option.format(work=work) for option in variant.jvm]
+    jvm = list(variant.jvm)
     if variant.quiet_logs:
         (work / "log4j2.xml").write_text(QUIET_LOG4J2)
         jvm.append(f"-Dlog4j.configurationFile=file://{work / 'log4j2.xml'}")
@@ -224,7 +224,7 @@ def start(variant: Variant, work: Path, store: Path, model: str, archive: Path) 
     return server, time.perf_counter() - started
 
 
-def archive_for(variant: Variant, work: Path, store: Path, base: Workload, config_args: dict) -> Path:
+def archive_for(variant: Variant, work: Path, base: Workload) -> Path:
     """The default archive, rebuilt with the variant's model-config.yaml keys where it has any."""
     if not variant.model:
         return base.archive
@@ -232,20 +232,19 @@ def archive_for(variant: Variant, work: Path, store: Path, base: Workload, confi
     from segserve.tools.build import build
 
     work.mkdir(parents=True, exist_ok=True)
-    config_path = tuned_config(work, {**config_args, **variant.model})
+    config_path = tuned_config(work, variant.model)
     config = ServingConfig.from_yaml(config_path)
     variant_store = work / "store"
     return build("segmenter", config_path, REPO / "model" / config.weights, variant_store)
 
 
-def measure(name: str, workload: Workload, work: Path, store: Path, levels: list[int], count: int, warmup: int,
-            stubs, config_args: dict, bar) -> list[Row]:
-    variant = combine(name)
+def measure(name: str, variant: Variant, workload: Workload, work: Path, levels: list[int], count: int, warmup: int,
+            stubs, bar) -> list[Row]:
     raw = {}
     for level in levels:  # the ceiling, right before this variant, at each client count
         bar.set_description(f"{name}: raw x{level}")
         raw[level] = run_raw(workload, work, level, count)
-    archive = archive_for(variant, work / name, store, workload, config_args)
+    archive = archive_for(variant, work / name, workload)
     bar.set_description(f"{name}: starting TorchServe")
     server, startup = start(variant, work / name, archive.parent, "segmenter", archive)
     rows = []
@@ -325,22 +324,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<14} {variant.note}")
         return 0
     names = args.variants.split(",")
-    for name in names:
-        combine(name)
+    variants = {name: combine(name) for name in names}
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="segserve-levers-") as tmp:
         work = Path(tmp)
         store = work / "model-store"
-        config_args = {}
-        workload = default_workload(store, tuned_config(work, config_args), args.images)
-        stubs = grpc_stubs(work) if any(combine(n).protocol == "grpc" for n in names) else None
+        workload = default_workload(store, tuned_config(work, {}), args.images)
+        stubs = grpc_stubs(work) if any(v.protocol == "grpc" for v in variants.values()) else None
         bar = tqdm(total=len(names) * len(levels) * args.rounds, desc="levers", unit="level")
         try:
             for _ in range(args.rounds):
                 for name in names:
-                    rows += measure(name, workload, work, store, levels, args.requests, args.warmup, stubs,
-                                    config_args, bar)
+                    rows += measure(name, variants[name], workload, work, levels, args.requests, args.warmup,
+                                    stubs, bar)
         finally:
             bar.close()
             _RAW.clear()
@@ -363,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{args.name}.json"
     path.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()
                                                                if k != "out"},
-                                "variants": {n: asdict(combine(n)) for n in names},
+                                "variants": {n: asdict(v) for n, v in variants.items()},
                                 "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"\nwrote {path}")
     return 1 if any(r.errors for r in rows) else 0
