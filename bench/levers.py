@@ -250,7 +250,7 @@ def measure(name: str, variant: Variant, workload: Workload, work: Path, levels:
     rows = []
     try:
         bar.set_description(f"{name}: warm-up")
-        send(server, workload, variant, 4, warmup, stubs)
+        send(server, workload, variant, 4, warmup, stubs, breakdown=False)
         same = same_as_http(server, workload, stubs) if variant.protocol == "grpc" else None
         for level in levels:
             bar.set_description(f"{name}: x{level}")
@@ -283,10 +283,11 @@ def same_as_http(server: TorchServe, workload: Workload, stubs) -> str:
     return f"{equal}/{len(workload.images)}"
 
 
-def send(server: TorchServe, workload: Workload, variant: Variant, level: int, count: int, stubs):
+def send(server: TorchServe, workload: Workload, variant: Variant, level: int, count: int, stubs,
+         breakdown: bool = True):
     if variant.protocol == "grpc":
         return run_grpc(server, "segmenter", workload, level, count, stubs)
-    return run_http(server, "segmenter", workload, "segserve", level, count, ACCEPT["segserve"])
+    return run_http(server, "segmenter", workload, "segserve", level, count, ACCEPT["segserve"], breakdown)
 
 
 def table(rows: list[Row], levels: list[int]) -> str:

@@ -379,8 +379,11 @@ class WorkerMemory:
 
 
 def run_http(server: TorchServe | LitServe, model: str, workload: Workload, contender: str, concurrency: int,
-             count: int, headers: dict[str, str]) -> Result:
-    """`count` requests from `concurrency` client threads (one keep-alive session each), after a warm-up."""
+             count: int, headers: dict[str, str], breakdown: bool = True) -> Result:
+    """`count` requests from `concurrency` client threads (one keep-alive session each), after a warm-up.
+
+    breakdown: from TorchServe, where the time went (notes["time_ms"]: the metrics port scraped before and after,
+    a second's wait for the last metric lines); False for a warm-up, whose result is not kept."""
     multipart = isinstance(server, LitServe)  # LitServe reads a form, not a raw body (bench/litserve_app.py)
     if multipart:
         url, worker_pid, worker_match = server.predict_url, server.process.pid, None
@@ -405,7 +408,7 @@ def run_http(server: TorchServe | LitServe, model: str, workload: Workload, cont
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * 2)))  # warm-up: connections, worker caches
-        before = None if multipart else scrape(server)
+        before = scrape(server) if breakdown and not multipart else None
         with WorkerMemory(worker_pid, worker_match) as memory:
             started = time.perf_counter()
             answers = list(pool.map(one, range(count)))
@@ -712,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                     # over its first requests, and on 2 cores that compiling slows a fresh server's first
                     # level (seen: 33 ms of frontend CPU per request after 4 requests, 19 ms after 80).
                     bar.set_description(f"warming up {model}")
-                    run_http(servers[contender], model, workload, contender, 4, args.warmup, ACCEPT[contender])
+                    run_http(servers[contender], model, workload, contender, 4, args.warmup, ACCEPT[contender],
+                             breakdown=False)
                 if "segserve" in servers and "litserve" in servers:
                     agreement[workload.name] = same_answers(servers, workload)
                 for level in levels:
