@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.run import VOC_CLASSES, forward_passes  # noqa: E402
+from bench.run import VOC_CLASSES, forward_passes, unpacked  # noqa: E402
 
 
 def timed_forward(segmenter, batch: torch.Tensor, repeats: int) -> float:
@@ -61,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(fit_photo_model(build_model("deeplabv3_mobilenet_v3_large", len(VOC_CLASSES))).state_dict(), weights)
     archive = build("deeplabv3", REPO / "model" / "model-config.yaml", weights, work / "store",
                     arch="deeplabv3_mobilenet_v3_large", classes=VOC_CLASSES, input_size=[args.size, args.size])
-    import zipfile
-
-    model_dir = work / "deeplabv3"
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(model_dir)
+    model_dir = unpacked(archive, work)
     photos = [photo_jpeg(seed) for seed in range(args.images)]
 
     def masks(handler) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ Contenders:
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -331,14 +332,21 @@ def load_raw(workload: Workload, work: Path) -> tuple[object, int]:
     """The archive's handler, initialized on the unpacked archive as a worker does, and the batch size
     TorchServe would use for it."""
     if workload.name not in _RAW:
-        target = work / f"raw-{workload.name}"
-        with zipfile.ZipFile(workload.archive) as archive:
-            archive.extractall(target)
-        handler = load_handler(target, gpu_id=GPU_ID)
+        handler = load_handler(unpacked(workload.archive, work), gpu_id=GPU_ID)
         _RAW[workload.name] = handler, int(handler.context.system_properties["batch_size"])
         # The ceiling is one process using every core, whatever a served worker is tuned to.
         torch.set_num_threads(DEFAULT_THREADS)
     return _RAW[workload.name]
+
+
+@functools.cache
+def unpacked(archive: Path, work: Path) -> Path:
+    """`archive` unpacked into work/unpacked-<its stem> as TorchServe unpacks it for a worker, once: the raw and
+    LitServe contenders (and gpu_extras.py) read the same folder."""
+    target = work / f"unpacked-{archive.stem}"
+    with zipfile.ZipFile(archive) as contents:
+        contents.extractall(target)
+    return target
 
 
 class WorkerMemory:
@@ -468,9 +476,7 @@ class LitServe:
         if importlib.util.find_spec("litserve") is None:
             raise SystemExit("the litserve contender needs LitServe: pip install -e '.[bench]' (or leave it out: "
                              "--contenders raw,segserve,stock)")
-        self.model_dir = work / f"litserve-{workload.name}"
-        with zipfile.ZipFile(workload.archive) as archive:
-            archive.extractall(self.model_dir)
+        self.model_dir = unpacked(workload.archive, work)
         self.port = free_ports("litserve")["litserve"]
         command = [sys.executable, str(REPO / "bench" / "litserve_app.py"), "--model-dir", str(self.model_dir),
                    "--port", str(self.port)] + (["--workers", str(workers)] if workers else [])
