@@ -21,24 +21,13 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.run import VOC_CLASSES, forward_passes, unpacked  # noqa: E402
+
 
 def timed_forward(segmenter, batch: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward pass of `batch`, after two warm-up passes, device synchronized."""
-    for _ in range(2):
-        segmenter.forward(batch)
-    sync(segmenter.device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        segmenter.forward(batch)
-        sync(segmenter.device)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Median seconds of one forward pass of `batch`, after two warm-up passes, device synchronized (the forward
+    contender's timing: bench.run.forward_passes)."""
+    return float(np.median(forward_passes(segmenter, batch, repeats)[0]))
 
 
 def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -56,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.photo_model import fit_photo_model
     from bench.photos import photo_jpeg
-    from bench.run import VOC_CLASSES
     from segserve.config import ServingConfig
     from segserve.families import build_model
     from segserve.pipeline import Segmenter, pick_device
@@ -73,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(fit_photo_model(build_model("deeplabv3_mobilenet_v3_large", len(VOC_CLASSES))).state_dict(), weights)
     archive = build("deeplabv3", REPO / "model" / "model-config.yaml", weights, work / "store",
                     arch="deeplabv3_mobilenet_v3_large", classes=VOC_CLASSES, input_size=[args.size, args.size])
-    import zipfile
-
-    model_dir = work / "deeplabv3"
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(model_dir)
+    model_dir = unpacked(archive, work)
     photos = [photo_jpeg(seed) for seed in range(args.images)]
 
     def masks(handler) -> list[np.ndarray]:
@@ -99,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     # 1. agreement: fp16 vs fp32 (on the GPU; on the CPU both fp32), nvJPEG (torchvision) vs Pillow decode
     fp32 = masks(handler_with(precision="fp32", decoder="pillow"))
     fp16 = masks(handler_with(precision="auto", decoder="pillow"))
-    torch.cuda.reset_peak_memory_stats() if cuda else None
     batched = handler_with(precision="auto", decoder="torchvision")
     nvjpeg = masks(batched)
     report["agreement"] = {"fp16_vs_fp32": agreement(fp16, fp32), "nvjpeg_vs_pillow": agreement(nvjpeg, fp16),

@@ -30,8 +30,19 @@ sys.path.insert(0, str(REPO))
 
 from tqdm import tqdm  # noqa: E402
 
-from bench.run import _RAW, ACCEPT, Workload, default_workload, machine, run_http, run_raw, summarize, tuned_config  # noqa: E402
-from segserve.tools.server import TorchServe, free_ports  # noqa: E402
+from bench.run import (  # noqa: E402
+    _RAW,
+    ACCEPT,
+    Workload,
+    default_workload,
+    machine,
+    run_http,
+    run_raw,
+    start_server,
+    summarize,
+    tuned_config,
+)
+from segserve.tools.server import TorchServe  # noqa: E402
 
 # TorchServe's logging (its log4j2.xml, in model-server.jar) writes the frontend's debug lines for every
 # request twice (ts_log.log and, through the root logger, stdout) and every line a worker prints. This one
@@ -201,22 +212,19 @@ def run_grpc(server: TorchServe, model: str, workload: Workload, concurrency: in
 def start(variant: Variant, work: Path, store: Path, model: str, archive: Path) -> tuple[TorchServe, float]:
     work.mkdir(parents=True, exist_ok=True)
     properties = dict(variant.properties)
-    jvm = [option.format(work=work) for option in variant.jvm]
+    jvm = list(variant.jvm)
     if variant.quiet_logs:
         (work / "log4j2.xml").write_text(QUIET_LOG4J2)
         jvm.append(f"-Dlog4j.configurationFile=file://{work / 'log4j2.xml'}")
     if jvm:
         properties["vmargs"] = " ".join(jvm)
-    server = TorchServe(workdir=work / "run", model_store=store, base_config=REPO / "config.properties",
-                        ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                        models=(f"{model}={archive.name}",), extra_properties=tuple(properties.items()))
     started = time.perf_counter()
-    server.start()
-    server.wait_ready(model, timeout=300, workers=int(variant.model.get("minWorkers", 1)))
+    server = start_server(work, store, (f"{model}={archive.name}",), extra_properties=tuple(properties.items()),
+                          workers=int(variant.model.get("minWorkers", 1)))
     return server, time.perf_counter() - started
 
 
-def archive_for(variant: Variant, work: Path, store: Path, base: Workload, config_args: dict) -> Path:
+def archive_for(variant: Variant, work: Path, base: Workload) -> Path:
     """The default archive, rebuilt with the variant's model-config.yaml keys where it has any."""
     if not variant.model:
         return base.archive
@@ -224,26 +232,25 @@ def archive_for(variant: Variant, work: Path, store: Path, base: Workload, confi
     from segserve.tools.build import build
 
     work.mkdir(parents=True, exist_ok=True)
-    config_path = tuned_config(work, {**config_args, **variant.model})
+    config_path = tuned_config(work, variant.model)
     config = ServingConfig.from_yaml(config_path)
     variant_store = work / "store"
     return build("segmenter", config_path, REPO / "model" / config.weights, variant_store)
 
 
-def measure(name: str, workload: Workload, work: Path, store: Path, levels: list[int], count: int, warmup: int,
-            stubs, config_args: dict, bar) -> list[Row]:
-    variant = combine(name)
+def measure(name: str, variant: Variant, workload: Workload, work: Path, levels: list[int], count: int, warmup: int,
+            stubs, bar) -> list[Row]:
     raw = {}
     for level in levels:  # the ceiling, right before this variant, at each client count
         bar.set_description(f"{name}: raw x{level}")
         raw[level] = run_raw(workload, work, level, count)
-    archive = archive_for(variant, work / name, store, workload, config_args)
+    archive = archive_for(variant, work / name, workload)
     bar.set_description(f"{name}: starting TorchServe")
     server, startup = start(variant, work / name, archive.parent, "segmenter", archive)
     rows = []
     try:
         bar.set_description(f"{name}: warm-up")
-        send(server, workload, variant, 4, warmup, stubs)
+        send(server, workload, variant, 4, warmup, stubs, breakdown=False)
         same = same_as_http(server, workload, stubs) if variant.protocol == "grpc" else None
         for level in levels:
             bar.set_description(f"{name}: x{level}")
@@ -276,10 +283,11 @@ def same_as_http(server: TorchServe, workload: Workload, stubs) -> str:
     return f"{equal}/{len(workload.images)}"
 
 
-def send(server: TorchServe, workload: Workload, variant: Variant, level: int, count: int, stubs):
+def send(server: TorchServe, workload: Workload, variant: Variant, level: int, count: int, stubs,
+         breakdown: bool = True):
     if variant.protocol == "grpc":
         return run_grpc(server, "segmenter", workload, level, count, stubs)
-    return run_http(server, "segmenter", workload, "segserve", level, count, ACCEPT["segserve"])
+    return run_http(server, "segmenter", workload, "segserve", level, count, ACCEPT["segserve"], breakdown)
 
 
 def table(rows: list[Row], levels: list[int]) -> str:
@@ -317,22 +325,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<14} {variant.note}")
         return 0
     names = args.variants.split(",")
-    for name in names:
-        combine(name)
+    variants = {name: combine(name) for name in names}
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="segserve-levers-") as tmp:
         work = Path(tmp)
         store = work / "model-store"
-        config_args = {}
-        workload = default_workload(store, tuned_config(work, config_args), args.images)
-        stubs = grpc_stubs(work) if any(combine(n).protocol == "grpc" for n in names) else None
+        workload = default_workload(store, tuned_config(work, {}), args.images)
+        stubs = grpc_stubs(work) if any(v.protocol == "grpc" for v in variants.values()) else None
         bar = tqdm(total=len(names) * len(levels) * args.rounds, desc="levers", unit="level")
         try:
             for _ in range(args.rounds):
                 for name in names:
-                    rows += measure(name, workload, work, store, levels, args.requests, args.warmup, stubs,
-                                    config_args, bar)
+                    rows += measure(name, variants[name], workload, work, levels, args.requests, args.warmup,
+                                    stubs, bar)
         finally:
             bar.close()
             _RAW.clear()
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{args.name}.json"
     path.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()
                                                                if k != "out"},
-                                "variants": {n: asdict(combine(n)) for n in names},
+                                "variants": {n: asdict(v) for n, v in variants.items()},
                                 "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"\nwrote {path}")
     return 1 if any(r.errors for r in rows) else 0

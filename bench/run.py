@@ -21,6 +21,7 @@ Contenders:
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -296,18 +297,25 @@ def run_forward(workload: Workload, work: Path, concurrency: int, count: int) ->
     batch_size = min(concurrency, served_batch)
     height, width = segmenter.config.input_size
     batch = torch.randn(batch_size, 3, height, width, device=segmenter.device)
-    for _ in range(2):  # warm-up: kernels, autotuning
+    passes, seconds = forward_passes(segmenter, batch, len(range(0, count, batch_size)))
+    latencies = [elapsed for elapsed in passes for _ in range(batch_size)]
+    return summarize(workload.name, "forward", concurrency, latencies, seconds, [], None, 0)
+
+
+def forward_passes(segmenter, batch: torch.Tensor, passes: int) -> tuple[list[float], float]:
+    """Seconds of each of `passes` forward passes of `batch` (the device synchronized after each), after two
+    warm-up passes (kernels, autotuning), and seconds of all of them."""
+    for _ in range(2):
         segmenter.forward(batch)
     synchronize(segmenter.device)
-    latencies = []
+    times = []
     started = time.perf_counter()
-    for _ in range(0, count, batch_size):
+    for _ in range(passes):
         batch_started = time.perf_counter()
         segmenter.forward(batch)
         synchronize(segmenter.device)
-        latencies += [time.perf_counter() - batch_started] * batch_size
-    seconds = time.perf_counter() - started
-    return summarize(workload.name, "forward", concurrency, latencies, seconds, [], None, 0)
+        times.append(time.perf_counter() - batch_started)
+    return times, time.perf_counter() - started
 
 
 def synchronize(device: torch.device) -> None:
@@ -324,14 +332,21 @@ def load_raw(workload: Workload, work: Path) -> tuple[object, int]:
     """The archive's handler, initialized on the unpacked archive as a worker does, and the batch size
     TorchServe would use for it."""
     if workload.name not in _RAW:
-        target = work / f"raw-{workload.name}"
-        with zipfile.ZipFile(workload.archive) as archive:
-            archive.extractall(target)
-        handler = load_handler(target, gpu_id=GPU_ID)
+        handler = load_handler(unpacked(workload.archive, work), gpu_id=GPU_ID)
         _RAW[workload.name] = handler, int(handler.context.system_properties["batch_size"])
         # The ceiling is one process using every core, whatever a served worker is tuned to.
         torch.set_num_threads(DEFAULT_THREADS)
     return _RAW[workload.name]
+
+
+@functools.cache
+def unpacked(archive: Path, work: Path) -> Path:
+    """`archive` unpacked into work/unpacked-<its stem> as TorchServe unpacks it for a worker, once: the raw and
+    LitServe contenders (and gpu_extras.py) read the same folder."""
+    target = work / f"unpacked-{archive.stem}"
+    with zipfile.ZipFile(archive) as contents:
+        contents.extractall(target)
+    return target
 
 
 class WorkerMemory:
@@ -372,8 +387,11 @@ class WorkerMemory:
 
 
 def run_http(server: TorchServe | LitServe, model: str, workload: Workload, contender: str, concurrency: int,
-             count: int, headers: dict[str, str]) -> Result:
-    """`count` requests from `concurrency` client threads (one keep-alive session each), after a warm-up."""
+             count: int, headers: dict[str, str], breakdown: bool = True) -> Result:
+    """`count` requests from `concurrency` client threads (one keep-alive session each), after a warm-up.
+
+    breakdown: from TorchServe, where the time went (notes["time_ms"]: the metrics port scraped before and after,
+    a second's wait for the last metric lines); False for a warm-up, whose result is not kept."""
     multipart = isinstance(server, LitServe)  # LitServe reads a form, not a raw body (bench/litserve_app.py)
     if multipart:
         url, worker_pid, worker_match = server.predict_url, server.process.pid, None
@@ -398,7 +416,7 @@ def run_http(server: TorchServe | LitServe, model: str, workload: Workload, cont
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * 2)))  # warm-up: connections, worker caches
-        before = None if multipart else scrape(server)
+        before = scrape(server) if breakdown and not multipart else None
         with WorkerMemory(worker_pid, worker_match) as memory:
             started = time.perf_counter()
             answers = list(pool.map(one, range(count)))
@@ -458,9 +476,7 @@ class LitServe:
         if importlib.util.find_spec("litserve") is None:
             raise SystemExit("the litserve contender needs LitServe: pip install -e '.[bench]' (or leave it out: "
                              "--contenders raw,segserve,stock)")
-        self.model_dir = work / f"litserve-{workload.name}"
-        with zipfile.ZipFile(workload.archive) as archive:
-            archive.extractall(self.model_dir)
+        self.model_dir = unpacked(workload.archive, work)
         self.port = free_ports("litserve")["litserve"]
         command = [sys.executable, str(REPO / "bench" / "litserve_app.py"), "--model-dir", str(self.model_dir),
                    "--port", str(self.port)] + (["--workers", str(workers)] if workers else [])
@@ -503,13 +519,16 @@ def same_answers(servers: dict, workload: Workload) -> dict:
     return {"images": len(workload.images), "equal": equal}
 
 
-def start_server(work: Path, store: Path, models: tuple[str, ...]) -> TorchServe:
+def start_server(work: Path, store: Path, models: tuple[str, ...],
+                 extra_properties: tuple[tuple[str, str], ...] = (), workers: int = 1) -> TorchServe:
+    """TorchServe on free ports with config.properties (and `extra_properties`), returned once each registered
+    model has `workers` READY workers."""
     server = TorchServe(workdir=work / "run", model_store=store, base_config=REPO / "config.properties",
                         ports=free_ports("inference", "management", "metrics", "grpc_inference", "grpc_management"),
-                        models=models)
+                        models=models, extra_properties=extra_properties)
     server.start()
     for model in server.registered_models():
-        server.wait_ready(model, timeout=300)
+        server.wait_ready(model, timeout=300, workers=workers)
     return server
 
 
@@ -702,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                     # over its first requests, and on 2 cores that compiling slows a fresh server's first
                     # level (seen: 33 ms of frontend CPU per request after 4 requests, 19 ms after 80).
                     bar.set_description(f"warming up {model}")
-                    run_http(servers[contender], model, workload, contender, 4, args.warmup, ACCEPT[contender])
+                    run_http(servers[contender], model, workload, contender, 4, args.warmup, ACCEPT[contender],
+                             breakdown=False)
                 if "segserve" in servers and "litserve" in servers:
                     agreement[workload.name] = same_answers(servers, workload)
                 for level in levels:

@@ -121,7 +121,7 @@ def clients_part(levels: list[int], count: int, warmup: int, bar) -> list[dict]:
         bar.set_description("starting TorchServe")
         server = start_server(work / "segmenter", store, (f"segmenter={workload.archive.name}",))
         try:
-            run_http(server, "segmenter", workload, "segserve", 4, warmup, ACCEPT["segserve"])
+            run_http(server, "segmenter", workload, "segserve", 4, warmup, ACCEPT["segserve"], breakdown=False)
             for level in levels:
                 bar.set_description(f"{level} clients")
                 r = run_http(server, "segmenter", workload, "segserve", level, max(count, level * 2),

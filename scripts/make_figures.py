@@ -113,7 +113,7 @@ def format_pictures(image: Image.Image, out: Path) -> None:
         class_id = feature["properties"]["class_id"]
         if class_id == 0:
             continue
-        for shape in _shapes(feature):
+        for shape in feature["geometry"]["coordinates"]:  # always a MultiPolygon (encoders.polygons_response)
             for ring_index, ring in enumerate(shape):
                 # vertices are pixel edges: drawn half a pixel up-left so they sit on the pixels' corners
                 points = [(x - 0.5, y - 0.5) for x, y in ring]
@@ -154,15 +154,6 @@ def _beside(picture: Image.Image, width: int) -> Image.Image:
     panel = Image.new("RGB", (picture.width + width, picture.height), (255, 255, 255))
     panel.paste(picture, (0, 0))
     return panel
-
-
-def _shapes(entry: dict) -> list:
-    """The polygons (lists of rings) of one class's entry: a MultiPolygon geometry's coordinates, or the features
-    of a GeoJSON FeatureCollection."""
-    if "geometry" in entry:
-        geometry = entry["geometry"]
-        return geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
-    return [shape for feature in entry.get("features", []) for shape in _shapes(feature)]
 
 
 # -- tiled vs downscaled -----------------------------------------------------------------------------------
