@@ -8,6 +8,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from support import REPO
+from support.handlers import archive_doc
 
 from segserve.config import ServingConfig
 from segserve.families import build_model
@@ -101,7 +102,7 @@ def test_build_mar_sh_takes_the_archivers_flag_names(small_model_dir, tmp_path):
     assert main(["--model-name", "roads", "--serialized-file", str(small_model_dir / "segmenter.safetensors"),
                  "--config-file", str(small_model_dir / "model-config.yaml"), "--export-path", str(store),
                  "--version", "2.0", "-f"]) == 0
-    doc = yaml.safe_load(zipfile.ZipFile(store / "roads.mar").read("model-config.yaml"))
+    doc = archive_doc(store / "roads.mar")
     assert (doc["handler"]["model"]["name"], doc["handler"]["model"]["version"]) == ("roads", "2.0")
 
 
@@ -117,7 +118,6 @@ def test_archiver_flags_without_an_equivalent_are_refused_naming_ours(flag, caps
 def test_the_gpu_profile_sets_larger_batches(tmp_path):
     model = REPO / "model"
     mar = build("gpu", model / "model-config.yaml", model / "segmenter.safetensors", tmp_path, profile="gpu")
-    with zipfile.ZipFile(mar) as archive:
-        doc = yaml.safe_load(archive.read("model-config.yaml"))
+    doc = archive_doc(mar)
     assert (doc["batchSize"], doc["maxBatchDelay"], doc["handler"]["tiling"]["batch"]) == (32, 10, 16)
     assert doc["handler"]["tiling"]["overlap"] == 0.25  # the rest of the section kept

@@ -21,13 +21,14 @@ import torch
 import yaml
 from PIL import Image
 from support import MODEL_CONFIG, REPO, encode_image, random_image, torchserve
+from support.handlers import archive_doc, unpacked_handler
 from torch import nn
 
 from segserve import families
 from segserve.config import ServingConfig
 from segserve.families import MissingDependencyError, build_model
 from segserve.tools.build import BuildError, build, main, parse_arch_params
-from segserve.tools.inprocess import Request, handle, load_handler
+from segserve.tools.inprocess import Request, handle
 from segserve.tools.server import free_ports
 
 CLASSES = ["background", "cell", "nucleus"]
@@ -124,16 +125,6 @@ def state_file(path, arch, **params):
     torch.manual_seed(0)
     torch.save(build_model(arch, len(CLASSES), **params).state_dict(), path)
     return path
-
-
-def archive_doc(mar) -> dict:
-    return yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))
-
-
-def unpacked_handler(mar, folder):
-    with zipfile.ZipFile(mar) as archive:
-        archive.extractall(folder)
-    return load_handler(folder)
 
 
 def mask_of(reply_body: bytes) -> np.ndarray:

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 
 import numpy as np
 import pytest
 import requests
 import torch
-import yaml
 from PIL import Image
 from pycocotools import mask as coco_mask
 from support import MODEL_CONFIG, encode_image, random_image, torchserve
-from support.handlers import ask
+from support.handlers import archive_doc, ask, unpacked_handler
 
 from segserve.config import ServingConfig
 from segserve.families import build_model
 from segserve.tools.build import BuildError, build
-from segserve.tools.inprocess import load_handler
 
 UNET = {"base_channels": 4, "depth": 2}
 
@@ -43,7 +40,7 @@ def archives(tmp_path_factory):
 
 
 def archive_config(store, name):
-    return yaml.safe_load(zipfile.ZipFile(store / f"{name}.mar").read("model-config.yaml"))["handler"]
+    return archive_doc(store / f"{name}.mar")["handler"]
 
 
 def test_the_build_detects_binary_and_multilabel_heads(archives):
@@ -72,9 +69,7 @@ def served(tmp_path_factory, archives):
 
 
 def in_process(store, name, tmp_path):
-    folder = tmp_path / name
-    zipfile.ZipFile(store / f"{name}.mar").extractall(folder)
-    return load_handler(folder)
+    return unpacked_handler(store / f"{name}.mar", tmp_path / name)
 
 
 @pytest.mark.integration

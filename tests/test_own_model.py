@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import requests
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from support import MODEL_CONFIG, REPO, encode_image, random_image, torchserve
+from support.handlers import archive_doc
 
 from segserve import families
 from segserve.config import ServingConfig
@@ -114,7 +114,7 @@ def test_torchscript_weights(tmp_path):
     scripted = torch.jit.trace(model, torch.zeros(1, 3, 64, 64))
     scripted.save(str(tmp_path / "scripted.pt"))
     mar = build("scripted", MODEL_CONFIG, tmp_path / "scripted.pt", tmp_path / "store", trust_code=True)
-    config = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"]
+    config = archive_doc(mar)["handler"]
     assert config["model"]["arch"] == "torchscript"
 
 
@@ -123,13 +123,13 @@ def test_torchvision_archs_default_to_photo_settings_and_whole_image_inference(t
     torch.save(build_model("lraspp_mobilenet_v3_large", 3).state_dict(), tmp_path / "w.pt")
     mar = build("photos", MODEL_CONFIG, tmp_path / "w.pt", tmp_path / "store", arch="lraspp_mobilenet_v3_large",
                 classes=CLASSES)
-    config = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"]
+    config = archive_doc(mar)["handler"]
     assert config["input"]["size"] == [520, 520] and config["input"]["mean"] == [0.485, 0.456, 0.406]
     # tile=auto must not cut a photo into windows: only images over the pixel limit (refused anyway) would be.
     assert config["tiling"]["auto_above_pixels"] == config["limits"]["max_pixels"]
     assert config["tiling"]["overlap"] == 0.25  # the rest of the base file's tiling section is kept
-    default = yaml.safe_load(zipfile.ZipFile(build("seg", MODEL_CONFIG, REPO / "model" / "segmenter.safetensors",
-                                                   tmp_path / "store")).read("model-config.yaml"))["handler"]
+    default = archive_doc(build("seg", MODEL_CONFIG, REPO / "model" / "segmenter.safetensors",
+                                tmp_path / "store"))["handler"]
     assert default["tiling"]["auto_above_pixels"] == 1048576
 
 

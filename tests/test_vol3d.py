@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 from support import MODEL_CONFIG, encode_image, run_block
-from support.handlers import ask
+from support.handlers import archive_doc, ask, unpack, unpacked_handler
 
 from segserve.config import ConfigError, ServingConfig
 from segserve.families import build_model
@@ -41,10 +40,7 @@ def archive(tmp_path_factory):
     torch.save(model.state_dict(), root / "unet3d.pt")
     mar = build("unet3d", MODEL_CONFIG, root / "unet3d.pt", root / "store", arch="monai:UNet", arch_params=PARAMS,
                 classes=CLASSES, input_size=ROI, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    folder = root / "unpacked"
-    with zipfile.ZipFile(mar) as unpacked:
-        unpacked.extractall(folder)
-    return model.eval(), mar, folder
+    return model.eval(), mar, unpack(mar, root / "unpacked")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +78,7 @@ def expected_labels(stored: np.ndarray, model, config: ServingConfig, roi, chann
 
 
 def test_the_archive_records_a_3d_model(archive):
-    doc = yaml.safe_load(zipfile.ZipFile(archive[1]).read("model-config.yaml"))["handler"]
+    doc = archive_doc(archive[1])["handler"]
     assert doc["input"]["size"] == ROI and doc["model"]["arch_params"] == PARAMS
     config = ServingConfig.from_dict(doc)
     assert config.volume_roi == tuple(ROI) and config.input_shape == (1, *ROI)
@@ -186,7 +182,7 @@ def test_the_docs_build_example_runs_as_written(tmp_path):
     result = run_block(code, tmp_path, env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "built model-store/liver3d.mar" in result.stdout
-    doc = yaml.safe_load(zipfile.ZipFile(tmp_path / "model-store" / "liver3d.mar").read("model-config.yaml"))
+    doc = archive_doc(tmp_path / "model-store" / "liver3d.mar")
     config = ServingConfig.from_dict(doc["handler"])
     assert config.volume_roi == (32, 64, 64) and config.input_shape == (1, 32, 64, 64)
 
@@ -222,9 +218,7 @@ def test_a_model_of_several_input_channels_gets_the_volume_in_each(tmp_path):
     torch.save(model.state_dict(), tmp_path / "b.pt")
     mar = build("b3d", MODEL_CONFIG, tmp_path / "b.pt", tmp_path / "store", arch="monai:BasicUNet", arch_params=params,
                 classes=["background", "organ"], input_size=[32, 32, 32], mean=[0.0] * 3, std=[1.0] * 3)
-    with zipfile.ZipFile(mar) as unpacked:
-        unpacked.extractall(tmp_path / "b3d")
-    handler = load_handler(tmp_path / "b3d")
+    handler = unpacked_handler(mar, tmp_path / "b3d")
     config = handler.segmenter.config
     assert config.input_shape == (2, 32, 32, 32)
     data, stored, _ = volume_nifti(seed=2)

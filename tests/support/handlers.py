@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,21 @@ def ask(handler, inputs: dict[str, Any], headers: dict[str, Any] | None = None) 
     """One request alone in its batch."""
     (reply,) = handle(handler, [Request(inputs, headers or {})])
     return reply
+
+
+def archive_doc(mar: Path) -> dict[str, Any]:
+    """An archive's model-config.yaml, as the build wrote it."""
+    with zipfile.ZipFile(mar) as archive:
+        return yaml.safe_load(archive.read("model-config.yaml"))
+
+
+def unpack(mar: Path, folder: Path) -> Path:
+    """An archive unzipped into `folder`, as TorchServe unpacks it for a worker."""
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(folder)
+    return folder
+
+
+def unpacked_handler(mar: Path, folder: Path):
+    """segmenter_handler.py initialized in this process on the archive unpacked into `folder`."""
+    return load_handler(unpack(mar, folder))
